@@ -1,0 +1,51 @@
+"""What can go wrong with a request, raised where it is understood.
+
+routes.py turns each kind into an HTTP answer, in one place.
+"""
+
+from __future__ import annotations
+
+
+class KernelsError(Exception):
+    """A request that cannot be done; `message` is shown to the user by JupyterLab."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class NotFound(KernelsError):
+    """An unknown kernel, session, kernelspec or file."""
+
+
+class KernelNotFound(NotFound):
+    def __init__(self, kernel_id: str) -> None:
+        super().__init__(f"Kernel does not exist: {kernel_id}")
+        self.kernel_id = kernel_id
+
+
+class SessionNotFound(NotFound):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session not found: {session_id}")
+
+
+class KernelspecNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Kernel spec {name} not found")
+
+
+class BadRequest(KernelsError):
+    """A body that is not JSON, not an object, or lacks a field."""
+
+
+class InvalidField(KernelsError):
+    """A field of the right name with a value of the wrong kind."""
+
+
+class Conflict(KernelsError):
+    """A request that the current state does not allow."""
+
+
+class KernelFailed(KernelsError):
+    """A kernel that would not start, restart or answer."""

@@ -1,0 +1,1 @@
+"""The kernel side: wire format, signing, ZMQ sockets, kernelspecs and kernel processes."""

@@ -1,0 +1,1 @@
+"""The bridge between a kernel's ZMQ sockets and the browsers' WebSockets."""

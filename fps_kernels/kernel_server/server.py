@@ -1,0 +1,628 @@
+"""KernelServer: one kernel, its ZMQ sockets, and the WebSocket clients it serves.
+
+The server keeps one set of ZMQ sockets per kernel, whatever the number of clients: iopub
+is read all the time (so execution state is known without clients and ZMQ never drops),
+and the replies on shell, control and stdin go back to the client whose request caused
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..kernel_driver.connection import (
+    ConnectionInfo,
+    InvalidConnectionFile,
+    PortAllocator,
+    new_connection_info,
+    parse_connection_info,
+    read_connection_file,
+    write_connection_file,
+)
+from ..kernel_driver.kernelspec import KernelSpec, environment_for_kernel, load_kernelspec
+from ..kernel_driver.paths import runtime_dir
+from ..kernel_driver.process import KernelProcess, describe_exit
+from ..kernel_driver.signing import ReplayGuard, SignatureError, Signer
+from ..kernel_driver.wire import (
+    WireError,
+    join_frames,
+    make_message_parts,
+    new_session_id,
+    split_frames,
+)
+from .activity import ExecutionState, KernelActivity, isoformat_z
+from .client import ClientConnection, Protocol
+from .framing import (
+    V1_SUBPROTOCOL,
+    ClientMessage,
+    FrameError,
+    decode_legacy_binary,
+    decode_legacy_text,
+    decode_v1,
+)
+from .messages import KernelMessage, server_message
+from .registry import KernelEntry, KernelRegistry
+
+__all__ = ["KernelServer", "KernelStartError", "KernelEntry", "KernelRegistry", "kernels"]
+
+logger = logging.getLogger(__name__)
+
+#: Every kernel served at /api/kernels/{id}/channels (upstream's public registry).
+kernels = KernelRegistry()
+
+CLIENT_CHANNELS = ("shell", "control", "stdin")
+_KERNEL_CHANNELS = ("iopub", "shell", "control", "stdin")
+_ROUTES_KEPT = 8192
+_INFO_RETRY = 0.5
+
+
+class KernelStartError(RuntimeError):
+    """The kernel did not come up: it could not be launched, exited, or never answered."""
+
+
+class KernelServer:
+    """Serves one kernel to any number of WebSocket clients.
+
+    Built from a kernelspec (`kernelspec_path=`: its kernel.json or its directory) to launch a
+    kernel, or from an existing connection file (`connection_file=`,
+    `write_connection_file=False`) to attach to one started elsewhere.
+    """
+
+    def __init__(
+        self,
+        kernelspec_path: str = "",
+        kernel_cwd: str = "",
+        connection_cfg: dict[str, Any] | None = None,
+        connection_file: str = "",
+        write_connection_file: bool = True,
+        capture_kernel_output: bool = True,
+        *,
+        kernelspec: KernelSpec | None = None,
+        kernel_name: str = "",
+        kernel_id: str = "",
+        session_name: str | None = None,
+        startup_timeout: float = 60.0,
+        shutdown_wait: float = 3.0,
+        max_client_queue_bytes: int = 256 * 1024 * 1024,
+        ports: PortAllocator | None = None,
+    ) -> None:
+        if kernelspec is None and kernelspec_path:
+            spec_path = Path(kernelspec_path)
+            kernelspec = load_kernelspec(spec_path.parent if spec_path.is_file() else spec_path)
+        self.kernelspec = kernelspec
+        self.kernel_cwd = kernel_cwd
+        self.capture_kernel_output = capture_kernel_output
+        self.write_connection_file = write_connection_file
+        self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.kernel_name = kernel_name or (kernelspec.name if kernelspec else "")
+        self.session_name = session_name
+        self.startup_timeout = startup_timeout
+        self.shutdown_wait = shutdown_wait
+        self.max_client_queue_bytes = max_client_queue_bytes
+        self._ports = ports if ports is not None else kernels.ports
+
+        self.activity = KernelActivity()
+        # Message filters on what clients send: blocked and allowed are exclusive.
+        self.blocked_messages: list[str] = []
+        self.allowed_messages: list[str] | None = None
+
+        self._clients: dict[str, ClientConnection] = {}
+        self._routes: OrderedDict[str, str] = OrderedDict()  # request msg_id → client session
+        self._own_requests: dict[str, asyncio.Future[KernelMessage]] = {}
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._process: KernelProcess | None = None
+        self._process_watch: asyncio.Task[None] | None = None
+        self._iopub_seen = asyncio.Event()
+        self._session = new_session_id()
+        self._replay_guard = ReplayGuard()
+        self._expected_exit = False
+        self._started = False
+        self.kernel_info: dict[str, Any] = {}
+
+        self.connection_file_path = ""
+        self.connection_info = self._setup_connection(connection_file, connection_cfg)
+        self._signer = Signer(self.connection_info.key, self.connection_info.signature_scheme)
+        self.kernel_name = self.kernel_name or self.connection_info.kernel_name
+
+    # --- upstream's attributes -----------------------------------------------------------
+
+    @property
+    def connection_cfg(self) -> dict[str, Any]:
+        return self.connection_info.model_dump()
+
+    @property
+    def key(self) -> str:
+        return self.connection_info.key
+
+    @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    @property
+    def last_activity(self) -> dict[str, str]:
+        return {
+            "date": isoformat_z(self.activity.last_activity),
+            "execution_state": self.activity.execution_state,
+        }
+
+    @property
+    def execution_state(self) -> ExecutionState:
+        return self.activity.execution_state
+
+    @property
+    def owns_process(self) -> bool:
+        """Whether this server launched the kernel (and so may signal and kill it)."""
+        return self._process is not None
+
+    @property
+    def process(self) -> KernelProcess | None:
+        return self._process
+
+    def block_messages(self, message_types: Iterable[str] | str = ()) -> None:
+        self.allowed_messages = None
+        self.blocked_messages = (
+            [message_types] if isinstance(message_types, str) else list(message_types)
+        )
+
+    def allow_messages(self, message_types: Iterable[str] | str | None = None) -> None:
+        self.blocked_messages = []
+        if message_types is None:
+            self.allowed_messages = None
+        elif isinstance(message_types, str):
+            self.allowed_messages = [message_types]
+        else:
+            self.allowed_messages = list(message_types)
+
+    # --- connection file -----------------------------------------------------------------
+
+    def _setup_connection(
+        self, connection_file: str, connection_cfg: dict[str, Any] | None
+    ) -> ConnectionInfo:
+        if self.write_connection_file:
+            if connection_cfg is not None:
+                info = parse_connection_info(connection_cfg)
+                self._ports.hold(info.ports())
+            else:
+                info = new_connection_info(self._ports, self.kernel_name)
+            path = connection_file or str(runtime_dir() / f"kernel-{self.kernel_id}.json")
+            write_connection_file(path, info)
+            self.connection_file_path = path
+            return info
+        if connection_file:
+            self.connection_file_path = connection_file
+            return read_connection_file(connection_file)
+        if connection_cfg is None:
+            raise InvalidConnectionFile("No connection_cfg")
+        return parse_connection_info(connection_cfg)
+
+    def _remove_connection_file(self) -> None:
+        if self.write_connection_file and self.connection_file_path:
+            Path(self.connection_file_path).unlink(missing_ok=True)
+            self._ports.release(self.connection_info.ports())
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, launch_kernel: bool = True) -> None:
+        """Launch (or attach to) the kernel and return once it answered kernel_info."""
+        if self._started:
+            raise RuntimeError("this kernel server was already started")
+        self._started = True
+        self._open_sockets()
+        try:
+            if launch_kernel:
+                await self._launch()
+            await self._wait_ready()
+        except BaseException:
+            await self._shutdown_quietly()
+            raise
+
+    async def _launch(self) -> None:
+        if self.kernelspec is None:
+            raise KernelStartError("Could not find a kernel, maybe you forgot to install one?")
+        env = environment_for_kernel(self.kernelspec, self.session_name)
+        process = KernelProcess(
+            self.kernelspec.command(os.path.realpath(self.connection_file_path)),
+            env=env,
+            cwd=self.kernel_cwd or None,
+            capture_output=self.capture_kernel_output,
+            log_name=f"kernel {self.kernel_id[:8]}",
+        )
+        try:
+            await process.start()
+        except OSError as error:
+            raise KernelStartError(
+                f"Could not launch kernel {self.kernel_name!r} ({process.argv[0]}): {error}"
+            ) from None
+        logger.info(
+            "Started kernel %s (%s), pid %s, in %s",
+            self.kernel_id,
+            self.kernel_name,
+            process.pid,
+            self.kernel_cwd or os.getcwd(),
+        )
+        self._process = process
+        self._expected_exit = False
+        self._process_watch = self._spawn(self._watch_process(process))
+
+    async def _watch_process(self, process: KernelProcess) -> None:
+        returncode = await process.wait()
+        if self._expected_exit or process is not self._process:
+            return
+        reason = f"Kernel {describe_exit(returncode)}"
+        logger.error("Kernel %s (%s) died: %s", self.kernel_id, self.kernel_name, reason)
+        await self._on_kernel_died(reason)
+
+    async def _on_kernel_died(self, reason: str) -> None:
+        self.activity.set_state("dead", reason)
+        self.broadcast_status("dead")
+        self.broadcast_stderr(f"{reason}.\n")
+
+    async def _wait_ready(self, timeout: float | None = None) -> None:
+        """Ask kernel_info until the kernel answers on shell and iopub reaches us."""
+        timeout = self.startup_timeout if timeout is None else timeout
+        self._iopub_seen.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        replied: asyncio.Future[KernelMessage] = loop.create_future()
+        pending: list[str] = []
+        process = self._process
+        exited = asyncio.ensure_future(process.wait()) if process is not None else None
+        try:
+            while True:
+                if not replied.done() or not self._iopub_seen.is_set():
+                    pending.append(self._request("shell", "kernel_info_request", {}, replied))
+                wait_for: set[asyncio.Future[Any]] = {replied} if not replied.done() else set()
+                if not self._iopub_seen.is_set():
+                    wait_for.add(asyncio.ensure_future(self._iopub_seen.wait()))
+                if not wait_for:
+                    break
+                if exited is not None:
+                    wait_for.add(exited)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise KernelStartError(
+                        f"Kernel {self.kernel_name!r} did not answer kernel_info within "
+                        f"{timeout:g} s{self._output_tail()}"
+                    )
+                await asyncio.wait(
+                    wait_for,
+                    timeout=min(_INFO_RETRY, remaining),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for future in wait_for:
+                    if future is not replied and future is not exited:
+                        future.cancel()
+                if exited is not None and exited.done():
+                    raise KernelStartError(
+                        f"Kernel {self.kernel_name!r} {describe_exit(exited.result())} "
+                        f"while starting{self._output_tail()}"
+                    )
+        finally:
+            for msg_id in pending:
+                self._own_requests.pop(msg_id, None)
+            if exited is not None and not exited.done():
+                exited.cancel()
+        self.kernel_info = replied.result().content()
+        if self.activity.execution_state in ("starting", "restarting"):
+            self.activity.set_state("idle")
+
+    def _output_tail(self) -> str:
+        if self._process is None or not self._process.recent_output:
+            return ""
+        return ": " + " | ".join(list(self._process.recent_output)[-5:])
+
+    def interrupt(self) -> None:
+        """Interrupt what the kernel runs, as its kernelspec's interrupt_mode says."""
+        mode = self.kernelspec.interrupt_mode if self.kernelspec else "message"
+        if mode == "signal" and self._process is not None:
+            self._process.signal_group(signal.SIGINT)
+        else:
+            self._request("control", "interrupt_request", {})
+
+    async def restart(self) -> None:
+        """Restart the kernel under the same id, connection file and ports."""
+        if self._process is None:
+            raise KernelStartError("only a kernel launched by this server can be restarted")
+        self.activity.set_state("restarting")
+        await self._stop_process(restart=True)
+        self._replay_guard.clear()
+        try:
+            await self._launch()
+            await self._wait_ready()
+        except BaseException as error:
+            reason = str(error) or "the kernel did not restart"
+            self.activity.set_state("dead", reason)
+            self.broadcast_status("dead")
+            raise
+
+    async def stop(self) -> None:
+        """Shut the kernel down (if we launched it), tell clients, and release everything."""
+        if self._process is not None:
+            await self._stop_process(restart=False)
+        self.activity.set_state("dead", self.activity.reason)
+        self.broadcast_status("dead")
+        await self._close_clients(1000, "Kernel shut down")
+        await self._close()
+
+    async def _stop_process(self, restart: bool) -> None:
+        process = self._process
+        if process is None:
+            return
+        self._expected_exit = True
+        if process.is_alive():
+            self._request("control", "shutdown_request", {"restart": restart})
+            try:
+                await asyncio.wait_for(process.wait(), self.shutdown_wait)
+            except asyncio.TimeoutError:
+                logger.info("Kernel %s ignored shutdown_request: terminating", self.kernel_id)
+        returncode = await process.terminate(self.shutdown_wait)
+        logger.info(
+            "Kernel %s %s",
+            self.kernel_id,
+            describe_exit(returncode) if returncode is not None else "could not be reaped",
+        )
+        if self._process_watch is not None:
+            self._process_watch.cancel()
+            self._process_watch = None
+
+    async def _shutdown_quietly(self) -> None:
+        if self._process is not None:
+            self._expected_exit = True
+            await self._process.terminate(self.shutdown_wait)
+        await self._close()
+
+    async def _close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+        for future in self._own_requests.values():
+            future.cancel()
+        self._own_requests.clear()
+        self._remove_connection_file()
+
+    # --- ZMQ side --------------------------------------------------------------------------
+
+    def _open_sockets(self) -> None:
+        context = zmq.asyncio.Context.instance()
+        # shell and stdin share one identity: the kernel sends input_request on stdin to
+        # the identity that sent the execute_request on shell.
+        identity = uuid.uuid4().hex.encode()
+        for channel in _KERNEL_CHANNELS:
+            sock = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if channel == "iopub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+                # We read iopub as fast as it comes; never let ZMQ drop silently.
+                sock.setsockopt(zmq.RCVHWM, 0)
+            else:
+                sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(self.connection_info.url(channel))
+            self._sockets[channel] = sock
+        for channel in _KERNEL_CHANNELS:
+            self._spawn(self._read(channel))
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "Kernel %s: a background task failed", self.kernel_id, exc_info=task.exception()
+            )
+
+    async def _read(self, channel: str) -> None:
+        sock = self._sockets[channel]
+        while True:
+            frames = await sock.recv_multipart()
+            message = self._check(channel, frames)
+            if message is not None:
+                self._dispatch(channel, message)
+
+    def _check(self, channel: str, frames: list[bytes]) -> KernelMessage | None:
+        try:
+            wire = split_frames(frames)
+            self._signer.check(wire.signature, wire.parts)
+            self._replay_guard.check(wire.signature)
+        except (WireError, SignatureError) as error:
+            logger.warning("Kernel %s: dropped a %s message: %s", self.kernel_id, channel, error)
+            return None
+        return KernelMessage(channel, wire.parts, wire.buffers)
+
+    def _dispatch(self, channel: str, message: KernelMessage) -> None:
+        if channel == "iopub":
+            self._track(message)
+            self._iopub_seen.set()
+            for client in list(self._clients.values()):
+                client.send(message)
+            return
+        parent_id = message.parent_msg_id
+        if parent_id is None:
+            return
+        own = self._own_requests.pop(parent_id, None)
+        if own is not None:
+            if not own.done():
+                own.set_result(message)
+            return
+        if channel == "stdin":
+            session_id = self._routes.get(parent_id)
+        else:
+            session_id = self._routes.pop(parent_id, None)
+        if session_id is None:
+            session_id = message.parent_header.get("session")
+        requester = self._clients.get(session_id) if isinstance(session_id, str) else None
+        if requester is not None:
+            requester.send(message)
+
+    def _track(self, message: KernelMessage) -> None:
+        msg_type = message.msg_type
+        if msg_type == "status":
+            state = message.content().get("execution_state")
+            self.activity.observe(msg_type, message.parent_msg_type, state)
+        elif self.activity.execution_state == "busy":
+            # Cheap path for floods of output while busy: no need to read the parent.
+            self.activity.observe(msg_type, None)
+        else:
+            self.activity.observe(msg_type, message.parent_msg_type)
+
+    def _request(
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        reply: asyncio.Future[KernelMessage] | None = None,
+    ) -> str:
+        """Send a request of our own; its reply resolves `reply` instead of reaching clients."""
+        msg_id, parts = make_message_parts(msg_type, content, self._session)
+        if reply is not None:
+            self._own_requests[msg_id] = reply
+        sock = self._sockets.get(channel)
+        if sock is None:
+            return msg_id
+        sent = asyncio.ensure_future(sock.send_multipart(join_frames(parts, [], self._signer)))
+        sent.add_done_callback(_log_send_failure)
+        return msg_id
+
+    def send_to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> Any:
+        """Sign and send a message's parts; returns the awaitable of the ZMQ send."""
+        return self._sockets[channel].send_multipart(
+            join_frames(parts, buffers, self._signer), copy=False
+        )
+
+    # --- WebSocket side --------------------------------------------------------------------
+
+    def broadcast(self, message: KernelMessage) -> None:
+        for client in list(self._clients.values()):
+            client.send(message)
+
+    def broadcast_status(self, state: ExecutionState) -> None:
+        self.broadcast(server_message("iopub", "status", {"execution_state": state}, self._session))
+
+    def broadcast_stderr(self, text: str) -> None:
+        self.broadcast(
+            server_message("iopub", "stream", {"name": "stderr", "text": text}, self._session)
+        )
+
+    async def serve(
+        self,
+        websocket: WebSocket,
+        session_id: str,
+        permissions: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Accept `websocket` and bridge it to the kernel until either side goes away."""
+        offered = websocket.scope.get("subprotocols") or []
+        protocol: Protocol = "v1" if V1_SUBPROTOCOL in offered else "legacy"
+        await websocket.accept(subprotocol=V1_SUBPROTOCOL if protocol == "v1" else None)
+        client = ClientConnection(
+            websocket, session_id, protocol, self.max_client_queue_bytes, self._session
+        )
+        stale = self._clients.get(session_id)
+        self._clients[session_id] = client
+        if stale is not None:
+            logger.info("Kernel %s: replacing stale connection %s", self.kernel_id, session_id)
+            await stale.close(1000, "Replaced by a newer connection with the same session_id")
+        writer = self._spawn(client.run())
+        logger.info(
+            "Kernel %s: client %s connected (%s protocol)", self.kernel_id, session_id, protocol
+        )
+        try:
+            await self._receive_from(client)
+        finally:
+            if self._clients.get(session_id) is client:
+                del self._clients[session_id]
+            writer.cancel()
+            logger.info("Kernel %s: client %s disconnected", self.kernel_id, session_id)
+
+    async def _receive_from(self, client: ClientConnection) -> None:
+        websocket = client.websocket
+        while not client.closed:
+            try:
+                event = await websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if event["type"] == "websocket.disconnect":
+                return
+            try:
+                message = self._decode(client.protocol, event)
+            except FrameError as error:
+                logger.warning(
+                    "Kernel %s: ignored a malformed frame from client %s: %s",
+                    self.kernel_id,
+                    client.session_id,
+                    error,
+                )
+                continue
+            await self._forward(client, message)
+
+    @staticmethod
+    def _decode(protocol: Protocol, event: Mapping[str, Any]) -> ClientMessage:
+        data = event.get("bytes")
+        text = event.get("text")
+        if protocol == "v1":
+            if data is None:
+                raise FrameError("text frame on a v1 connection (v1 frames are binary)")
+            return decode_v1(data)
+        if data is not None:
+            return decode_legacy_binary(data)
+        if text is None:
+            raise FrameError("empty frame")
+        return decode_legacy_text(text)
+
+    async def _forward(self, client: ClientConnection, message: ClientMessage) -> None:
+        channel = message.channel
+        msg_type = message.header.get("msg_type", "")
+        if channel not in CLIENT_CHANNELS:
+            logger.warning(
+                "Kernel %s: client %s may not send on channel %r (%s dropped)",
+                self.kernel_id,
+                client.session_id,
+                channel,
+                msg_type,
+            )
+            return
+        if msg_type in self.blocked_messages or (
+            self.allowed_messages is not None and msg_type not in self.allowed_messages
+        ):
+            logger.info("Kernel %s: filtered out a %s from a client", self.kernel_id, msg_type)
+            return
+        msg_id = message.header.get("msg_id")
+        if isinstance(msg_id, str):
+            self._routes[msg_id] = client.session_id
+            if len(self._routes) > _ROUTES_KEPT:
+                self._routes.popitem(last=False)
+        try:
+            await self.send_to_kernel(channel, message.parts, message.buffers)
+        except zmq.ZMQError as error:
+            logger.warning("Kernel %s: could not send a %s: %s", self.kernel_id, msg_type, error)
+
+    async def _close_clients(self, code: int, reason: str) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        await asyncio.gather(*(client.close(code, reason) for client in clients))
+
+
+def _log_send_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("Could not send a request to a kernel: %s", future.exception())

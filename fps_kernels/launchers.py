@@ -1,0 +1,90 @@
+"""The ways a kernel comes to be served: launched here, or attached to where it runs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from .config import KernelsPluginConfig
+from .errors import KernelFailed, KernelspecNotFound
+from .kernel_driver.connection import InvalidConnectionFile
+from .kernel_driver.kernelspec import KernelSpec, find_kernelspecs
+from .kernel_server.server import KernelServer, KernelStartError, kernels
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    kernel_id: str
+    kernel_name: str = ""
+    cwd: str = ""
+    session_name: str | None = None
+    connection_file: str = ""
+
+
+class KernelLauncher(ABC):
+    """Gives a started KernelServer for a request, or raises a KernelsError."""
+
+    @abstractmethod
+    def kernelspecs(self) -> dict[str, KernelSpec]:
+        """The kinds of kernel this launcher can start, by name."""
+
+    @abstractmethod
+    async def launch(self, request: KernelRequest) -> KernelServer:
+        """Start or attach to the kernel, returning once it answers."""
+
+
+class LocalLauncher(KernelLauncher):
+    """Kernels from kernelspecs on the Jupyter path, run as local subprocesses."""
+
+    def __init__(self, config: KernelsPluginConfig) -> None:
+        self._config = config
+
+    def kernelspecs(self) -> dict[str, KernelSpec]:
+        return find_kernelspecs()
+
+    async def launch(self, request: KernelRequest) -> KernelServer:
+        spec = self.kernelspecs().get(request.kernel_name.lower())
+        if spec is None:
+            raise KernelspecNotFound(request.kernel_name)
+        server = KernelServer(
+            kernelspec=spec,
+            kernel_name=request.kernel_name,
+            kernel_id=request.kernel_id,
+            kernel_cwd=request.cwd,
+            session_name=request.session_name,
+            capture_kernel_output=self._config.capture_kernel_output,
+            startup_timeout=self._config.startup_timeout,
+            shutdown_wait=self._config.shutdown_wait,
+            max_client_queue_bytes=self._config.max_client_queue_bytes,
+            ports=kernels.ports,
+        )
+        try:
+            await server.start()
+        except KernelStartError as error:
+            raise KernelFailed(str(error)) from None
+        return server
+
+
+class ConnectionFileLauncher(KernelLauncher):
+    """Kernels that run elsewhere and are reached through their connection file."""
+
+    def __init__(self, config: KernelsPluginConfig) -> None:
+        self._config = config
+
+    def kernelspecs(self) -> dict[str, KernelSpec]:
+        return {}
+
+    async def launch(self, request: KernelRequest) -> KernelServer:
+        try:
+            server = KernelServer(
+                connection_file=request.connection_file,
+                write_connection_file=False,
+                kernel_id=request.kernel_id,
+                kernel_name=request.kernel_name,
+                startup_timeout=self._config.startup_timeout,
+                max_client_queue_bytes=self._config.max_client_queue_bytes,
+            )
+            await server.start(launch_kernel=False)
+        except (InvalidConnectionFile, KernelStartError) as error:
+            raise KernelFailed(str(error)) from None
+        return server

@@ -1,0 +1,49 @@
+"""KernelsComponent: wires the config and resources of the kernels plugin into jupyverse."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+from asphalt.core import Component, Context, context_teardown
+from jupyverse_api.app import App
+from jupyverse_api.auth import Auth
+from jupyverse_api.frontend import FrontendConfig
+from jupyverse_api.kernels import Kernels, KernelsConfig
+
+from .config import KernelsPluginConfig
+from .kernel_server.server import kernels
+from .launchers import LocalLauncher
+from .registry import Registry
+from .routes import _Kernels
+
+logger = logging.getLogger(__name__)
+
+
+class KernelsComponent(Component):
+    def __init__(self, **kwargs: Any) -> None:
+        self.kernels_config = KernelsPluginConfig(**kwargs)
+
+    @context_teardown
+    async def start(self, ctx: Context) -> AsyncGenerator[None, BaseException | None]:
+        config = self.kernels_config
+        ctx.add_resource(config, types=[KernelsPluginConfig, KernelsConfig])
+        app = await ctx.request_resource(App)
+        auth = await ctx.request_resource(Auth)  # type: ignore[type-abstract]
+        frontend_config = await ctx.request_resource(FrontendConfig)
+        yjs = None
+        if config.require_yjs:
+            from jupyverse_api.yjs import Yjs
+
+            yjs = await ctx.request_resource(Yjs)  # type: ignore[type-abstract]
+
+        registry = Registry(config, kernels, LocalLauncher(config), root_dir=Path.cwd())
+        router = _Kernels(app, config, auth, frontend_config, registry, yjs)
+        ctx.add_resource(router, types=Kernels)
+
+        yield
+
+        await registry.stop_all(timeout=3 * config.shutdown_wait + 10)
+        logger.info("Kernels plugin stopped")

@@ -1,0 +1,268 @@
+"""The kernels and sessions of this server, and what may be done with them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import KernelsPluginConfig
+from .errors import Conflict, KernelFailed, KernelNotFound, SessionNotFound
+from .kernel_driver.kernelspec import KernelSpec
+from .kernel_server.activity import isoformat_z
+from .kernel_server.registry import KernelEntry, KernelRegistry
+from .launchers import KernelLauncher, KernelRequest
+from .models import CreateSession, KernelRef, StartKernel, UpdateSession
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel_id: str
+
+
+def kernel_cwd(root: Path, path: str | None) -> Path:
+    """The directory a kernel for `path` runs in: the deepest existing one, inside `root`."""
+    if not path:
+        return root
+    candidate = (root / path.lstrip("/")).resolve()
+    if not candidate.is_relative_to(root):
+        return root
+    while candidate != root and not candidate.is_dir():
+        candidate = candidate.parent
+    return candidate
+
+
+class Registry:
+    """Owns the kernel map (upstream's `kernels`) and the sessions that use its kernels."""
+
+    def __init__(
+        self,
+        config: KernelsPluginConfig,
+        kernels: KernelRegistry,
+        launcher: KernelLauncher,
+        root_dir: Path,
+    ) -> None:
+        self.config = config
+        self.kernels = kernels
+        self.launcher = launcher
+        self.root_dir = root_dir.resolve()
+        self.sessions: dict[str, SessionRecord] = {}
+        self._owned: set[str] = set()  # kernels this registry started, and so may shut down
+        self._path_locks: dict[str, asyncio.Lock] = {}
+
+    # --- kernelspecs ---------------------------------------------------------------------
+
+    def kernelspecs(self) -> dict[str, KernelSpec]:
+        return self.launcher.kernelspecs()
+
+    # --- kernels -------------------------------------------------------------------------
+
+    def entry(self, kernel_id: str) -> KernelEntry:
+        try:
+            return self.kernels[kernel_id]
+        except KeyError:
+            raise KernelNotFound(kernel_id) from None
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        entry = self.entry(kernel_id)
+        server = entry.server
+        activity = server.activity
+        model: dict[str, Any] = {
+            "id": kernel_id,
+            "name": entry.name or server.kernel_name,
+            "last_activity": isoformat_z(activity.last_activity),
+            "execution_state": activity.execution_state,
+            "connections": server.connections,
+        }
+        if activity.reason:
+            model["reason"] = activity.reason
+        return model
+
+    def kernel_models(self) -> list[dict[str, Any]]:
+        models = []
+        for kernel_id in self.kernels:
+            try:
+                models.append(self.kernel_model(kernel_id))
+            except KernelNotFound:
+                continue  # removed while we were listing
+        return models
+
+    async def start_kernel(
+        self,
+        body: StartKernel,
+        session_name: str | None = None,
+    ) -> str:
+        kernel_id = body.kernel_id or str(uuid.uuid4())
+        if kernel_id in self.kernels:
+            raise Conflict(f"Kernel {kernel_id} already exists")
+        name = body.name or self.config.default_kernel
+        cwd = kernel_cwd(self.root_dir, body.path)
+        request = KernelRequest(
+            kernel_id=kernel_id,
+            kernel_name=name,
+            cwd=str(cwd),
+            session_name=session_name,
+        )
+        server = await self.launcher.launch(request)
+        self.kernels[kernel_id] = KernelEntry(server=server, name=name)
+        self._owned.add(kernel_id)
+        return kernel_id
+
+    def adopt(self, kernel_id: str, entry: KernelEntry) -> None:
+        """Serve a kernel that runs elsewhere (it will never be signalled or killed)."""
+        self.kernels[kernel_id] = entry
+
+    async def shutdown_kernel(self, kernel_id: str) -> None:
+        entry = self.entry(kernel_id)
+        for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
+            del self.sessions[session.id]
+        self.kernels.pop(kernel_id, None)
+        self._owned.discard(kernel_id)
+        await entry.server.stop()
+
+    async def restart_kernel(self, kernel_id: str) -> None:
+        server = self.entry(kernel_id).server
+        try:
+            await server.restart()
+        except Exception as error:
+            raise KernelFailed(f"Kernel {kernel_id} did not restart: {error}") from None
+
+    def interrupt_kernel(self, kernel_id: str) -> None:
+        self.entry(kernel_id).server.interrupt()
+
+    async def stop_all(self, timeout: float) -> None:
+        """Shut every kernel we started down, in parallel, within `timeout` seconds."""
+        owned = [kernel_id for kernel_id in self._owned if kernel_id in self.kernels]
+        others = [kernel_id for kernel_id in self.kernels if kernel_id not in self._owned]
+        stops = [self.shutdown_kernel(kernel_id) for kernel_id in owned]
+        for kernel_id in others:
+            # Kernels we only attached to keep running: just let go of them.
+            entry = self.kernels.pop(kernel_id)
+            stops.append(entry.server.stop())
+        if not stops:
+            return
+        results = await asyncio.wait_for(
+            asyncio.gather(*stops, return_exceptions=True), timeout=timeout
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.error("A kernel did not stop cleanly", exc_info=result)
+
+    # --- sessions ------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> SessionRecord:
+        record = self.sessions.get(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        if record.kernel_id not in self.kernels:
+            # Its kernel went away without us (e.g. removed from the registry by code).
+            del self.sessions[session_id]
+            raise SessionNotFound(session_id)
+        return record
+
+    def session_model(self, record: SessionRecord) -> dict[str, Any]:
+        model: dict[str, Any] = {
+            "id": record.id,
+            "path": record.path,
+            "name": record.name,
+            "type": record.type,
+            "kernel": self.kernel_model(record.kernel_id),
+        }
+        if record.type == "notebook":
+            model["notebook"] = {"path": record.path, "name": record.name}
+        return model
+
+    def session_models(self) -> list[dict[str, Any]]:
+        models = []
+        for session_id in list(self.sessions):
+            try:
+                models.append(self.session_model(self.session(session_id)))
+            except (SessionNotFound, KernelNotFound):
+                continue
+        return models
+
+    @asynccontextmanager
+    async def _path_lock(self, path: str) -> AsyncIterator[None]:
+        """One session creation at a time per path, so that two tabs get one session."""
+        lock = self._path_locks.setdefault(path, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._path_locks.get(path) is lock:
+                del self._path_locks[path]
+
+    async def create_session(self, body: CreateSession) -> SessionRecord:
+        async with self._path_lock(body.path):
+            for record in list(self.sessions.values()):
+                if record.path == body.path and record.kernel_id in self.kernels:
+                    return record
+            kernel_id = await self._kernel_for(body.kernel, body.path, body.name)
+            record = SessionRecord(
+                id=str(uuid.uuid4()),
+                path=body.path,
+                name=body.name or "",
+                type=body.type,
+                kernel_id=kernel_id,
+            )
+            self.sessions[record.id] = record
+            return record
+
+    async def _kernel_for(self, ref: KernelRef | None, path: str, name: str | None) -> str:
+        """The id of the kernel `ref` asks for: a running one, or one started for `path`."""
+        if ref is not None and ref.id is not None and ref.id in self.kernels:
+            return ref.id
+        start = StartKernel(
+            name=ref.name if ref is not None else None,
+            path=path,
+            kernel_id=ref.id if ref is not None else None,
+        )
+        return await self.start_kernel(start, session_name=self._session_name(path))
+
+    def _session_name(self, path: str) -> str:
+        return str((self.root_dir / path.lstrip("/")).resolve())
+
+    async def update_session(self, session_id: str, body: UpdateSession) -> SessionRecord:
+        record = self.session(session_id)
+        old_kernel = record.kernel_id
+        if body.kernel is not None and (body.kernel.id or body.kernel.name):
+            if body.kernel.id is not None:
+                self.entry(body.kernel.id)  # raises KernelNotFound
+                new_kernel = body.kernel.id
+            else:
+                new_kernel = await self._kernel_for(
+                    KernelRef(name=body.kernel.name), body.path or record.path, body.name
+                )
+            record.kernel_id = new_kernel
+        if body.path is not None:
+            record.path = body.path
+        if body.name is not None:
+            record.name = body.name
+        if body.type is not None:
+            record.type = body.type
+        if record.kernel_id != old_kernel:
+            await self._release(old_kernel)
+        return record
+
+    async def delete_session(self, session_id: str) -> None:
+        record = self.session(session_id)
+        del self.sessions[session_id]
+        await self._release(record.kernel_id)
+
+    async def _release(self, kernel_id: str) -> None:
+        """Shut a kernel down once no session uses it, if we started it."""
+        if any(s.kernel_id == kernel_id for s in self.sessions.values()):
+            return
+        if kernel_id in self._owned and kernel_id in self.kernels:
+            await self.shutdown_kernel(kernel_id)

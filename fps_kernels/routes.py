@@ -1,0 +1,295 @@
+"""HTTP and WebSocket answers; every KernelsError becomes an HTTP answer here, and only here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from jupyverse_api.app import App
+from jupyverse_api.auth import Auth, User
+from jupyverse_api.frontend import FrontendConfig
+from jupyverse_api.kernels import Kernels
+from starlette.websockets import WebSocket
+
+from .config import KernelsPluginConfig
+from .errors import (
+    BadRequest,
+    Conflict,
+    InvalidField,
+    KernelFailed,
+    KernelNotFound,
+    KernelsError,
+    KernelspecNotFound,
+    NotFound,
+)
+from .kernel_driver.kernelspec import KernelSpec
+from .kernel_server.activity import isoformat_z
+from .models import CreateSession, StartKernel, UpdateSession, parse_body
+from .registry import Registry
+
+logger = logging.getLogger(__name__)
+
+_STATUS_CODES: list[tuple[type[KernelsError], int]] = [
+    (NotFound, 404),
+    (BadRequest, 400),
+    (InvalidField, 422),
+    (Conflict, 409),
+    (KernelFailed, 500),
+]
+# Close code for a WebSocket to a kernel that does not exist (4000 + HTTP 404).
+_WS_UNKNOWN_KERNEL = 4004
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def error_response(error: KernelsError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS_CODES if isinstance(error, kind)), 500)
+    log = logger.warning if status >= 500 else logger.info
+    log("%s %s", status, error.message)
+    return JSONResponse({"message": error.message, "reason": error.reason}, status_code=status)
+
+
+def answers_errors(handler: _Handler) -> _Handler:
+    """Turn the KernelsErrors a handler raises into JSON answers with a `message`."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except KernelsError as error:
+            return error_response(error)
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, None when empty; BadRequest when it is not JSON."""
+    body = await request.body()
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("Invalid JSON in body of request") from None
+
+
+class _Kernels(Kernels):
+    """The kernels router: REST routes of the Kernels API, plus the routes it leaves out."""
+
+    def __init__(
+        self,
+        app: App,
+        config: KernelsPluginConfig,
+        auth: Auth,
+        frontend_config: FrontendConfig,
+        registry: Registry,
+        yjs: Any = None,
+    ) -> None:
+        self._auth = auth
+        super().__init__(app=app, auth=auth)
+        self.config = config
+        self.frontend_config = frontend_config
+        self.registry = registry
+        self.yjs = yjs
+        self._app = app
+
+    @property
+    def kernels(self) -> Any:
+        return self.registry.kernels
+
+    def include_router(self, router: APIRouter, **kwargs: Any) -> None:
+        # jupyverse refuses a second router with a path already taken, whatever the method
+        # (POST /api/kernels next to GET /api/kernels), so our routes join the ABC's router.
+        self._add_routes(router, self._auth)
+        super().include_router(router, **kwargs)
+
+    def _add_routes(self, router: APIRouter, auth: Auth) -> None:
+        @router.post("/api/kernels", status_code=201)
+        async def start_kernel(
+            request: Request,
+            user: User = Depends(auth.current_user(permissions={"kernels": ["write"]})),
+        ) -> Response:
+            return await self.start_kernel(request, user)
+
+        @router.get("/api/kernelspecs/{kernel_name}")
+        async def get_kernelspec_model(
+            kernel_name: str,
+            user: User = Depends(auth.current_user(permissions={"kernelspecs": ["read"]})),
+        ) -> Response:
+            return await self.get_kernelspec_model(kernel_name, user)
+
+        @router.get("/api/sessions/{session_id}")
+        async def get_session(
+            session_id: str,
+            user: User = Depends(auth.current_user(permissions={"sessions": ["read"]})),
+        ) -> Response:
+            return await self.get_session(session_id, user)
+
+    # --- status and kernelspecs ----------------------------------------------------------
+
+    async def get_status(self, user: User) -> Response:
+        kernels = self.registry.kernel_models()
+        last = max(
+            [self._app.last_activity]
+            + [self.registry.entry(k["id"]).server.activity.last_activity for k in kernels]
+        )
+        return JSONResponse(
+            {
+                "connections": sum(k["connections"] for k in kernels),
+                "kernels": len(kernels),
+                "last_activity": isoformat_z(last),
+                "started": isoformat_z(self._app.started_time),
+            }
+        )
+
+    def _spec_model(self, spec: KernelSpec, name: str | None = None) -> dict[str, Any]:
+        base_url = self.frontend_config.base_url.rstrip("/") + "/"
+        resources = {
+            Path(file).stem: f"{base_url}kernelspecs/{spec.name}/{file}"
+            for file in spec.resource_files()
+        }
+        return {"name": name or spec.name, "spec": spec.to_dict(), "resources": resources}
+
+    async def get_kernelspecs(self, user: User) -> Response:
+        specs = self.registry.kernelspecs()
+        default = self.config.default_kernel
+        if default not in specs and specs:
+            default = next(iter(specs))
+        return JSONResponse(
+            {
+                "default": default,
+                "kernelspecs": {name: self._spec_model(spec) for name, spec in specs.items()},
+            }
+        )
+
+    @answers_errors
+    async def get_kernelspec_model(self, kernel_name: str, user: User) -> Response:
+        spec = self.registry.kernelspecs().get(kernel_name.lower())
+        if spec is None:
+            raise KernelspecNotFound(kernel_name)
+        return JSONResponse(self._spec_model(spec, kernel_name))
+
+    @answers_errors
+    async def get_kernelspec(self, kernel_name: str, file_name: str, user: User) -> Response:
+        spec = self.registry.kernelspecs().get(str(kernel_name).lower())
+        if spec is None:
+            raise KernelspecNotFound(kernel_name)
+        return FileResponse(_resource_path(spec, str(file_name)))
+
+    # --- kernels -------------------------------------------------------------------------
+
+    @answers_errors
+    async def start_kernel(self, request: Request, user: User) -> Response:
+        body = parse_body(StartKernel, await read_json(request) or {})
+        kernel_id = await self.registry.start_kernel(body)
+        base_url = self.frontend_config.base_url.rstrip("/") + "/"
+        return JSONResponse(
+            self.registry.kernel_model(kernel_id),
+            status_code=201,
+            headers={"Location": f"{base_url}api/kernels/{kernel_id}"},
+        )
+
+    async def get_kernels(self, user: User) -> Response:
+        return JSONResponse(self.registry.kernel_models())
+
+    @answers_errors
+    async def get_kernel(self, kernel_id: str, user: User) -> Response:
+        return JSONResponse(self.registry.kernel_model(kernel_id))
+
+    @answers_errors
+    async def shutdown_kernel(self, kernel_id: str, user: User) -> Response:
+        await self.registry.shutdown_kernel(kernel_id)
+        return Response(status_code=204)
+
+    @answers_errors
+    async def interrupt_kernel(self, kernel_id: str, user: User) -> Response:
+        self.registry.interrupt_kernel(kernel_id)
+        return Response(status_code=204)
+
+    @answers_errors
+    async def restart_kernel(self, kernel_id: str, user: User) -> Response:
+        await self.registry.restart_kernel(kernel_id)
+        return JSONResponse(self.registry.kernel_model(kernel_id))
+
+    @answers_errors
+    async def execute_cell(self, request: Request, kernel_id: str, user: User) -> Response:
+        self.registry.entry(kernel_id)
+        raise Conflict("Server-side execution is not available in this version of fps_kernels")
+
+    async def watch_connection_files(self, path: Path) -> None:
+        raise NotImplementedError("external kernels are not available yet")
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def get_sessions(self, user: User) -> Response:  # type: ignore[override]
+        return JSONResponse(self.registry.session_models())
+
+    @answers_errors
+    async def get_session(self, session_id: str, user: User) -> Response:
+        return JSONResponse(self.registry.session_model(self.registry.session(session_id)))
+
+    @answers_errors
+    async def create_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
+        body = parse_body(CreateSession, await read_json(request))
+        record = await self.registry.create_session(body)
+        base_url = self.frontend_config.base_url.rstrip("/") + "/"
+        return JSONResponse(
+            self.registry.session_model(record),
+            status_code=201,
+            headers={"Location": f"{base_url}api/sessions/{record.id}"},
+        )
+
+    @answers_errors
+    async def rename_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
+        session_id = request.path_params["session_id"]
+        body = parse_body(UpdateSession, await read_json(request))
+        record = await self.registry.update_session(session_id, body)
+        return JSONResponse(self.registry.session_model(record))
+
+    @answers_errors
+    async def delete_session(self, session_id: str, user: User) -> Response:
+        await self.registry.delete_session(session_id)
+        return Response(status_code=204)
+
+    # --- the kernel WebSocket ------------------------------------------------------------
+
+    async def kernel_channels(
+        self,
+        kernel_id: str,
+        session_id: str,
+        websocket_permissions: tuple[WebSocket, dict[str, list[str]] | None] | None,
+    ) -> None:
+        if websocket_permissions is None:
+            # The auth plugin refused the user: it has closed the socket before the upgrade.
+            return
+        websocket, permissions = websocket_permissions
+        if permissions is not None and "execute" not in permissions.get("kernels", []):
+            logger.info("Refused a kernel WebSocket: no kernels:execute permission")
+            await websocket.close(code=1008)
+            return
+        try:
+            entry = self.registry.entry(kernel_id)
+        except KernelNotFound as error:
+            # JupyterLab expects the upgrade to succeed, then reads the close code and reason.
+            await websocket.accept()
+            await websocket.close(code=_WS_UNKNOWN_KERNEL, reason=error.message)
+            logger.info("Closed a WebSocket to an unknown kernel %s", kernel_id)
+            return
+        await entry.server.serve(websocket, session_id, permissions)
+
+
+def _resource_path(spec: KernelSpec, file_name: str) -> Path:
+    """A file of the kernelspec's own directory; anything else is NotFound."""
+    base = spec.resource_dir.resolve()
+    if not file_name or any(c in file_name for c in "/\\\0") or file_name in (".", ".."):
+        raise NotFound(f"No file {file_name!r} in kernelspec {spec.name}")
+    candidate = (base / file_name).resolve()
+    if candidate.parent != base or not candidate.is_file():
+        raise NotFound(f"No file {file_name!r} in kernelspec {spec.name}")
+    return candidate

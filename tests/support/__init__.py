@@ -1,0 +1,1 @@
+"""Pieces the tests run inside the jupyverse process they start."""

@@ -1,0 +1,144 @@
+"""Pure-ish pieces of the kernel side: kernelspecs, connection files, ports, exit causes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from fps_kernels.kernel_driver.connection import (
+    ConnectionInfo,
+    InvalidConnectionFile,
+    PortAllocator,
+    new_connection_info,
+    read_connection_file,
+    write_connection_file,
+)
+from fps_kernels.kernel_driver.kernelspec import (
+    InvalidKernelSpec,
+    find_kernelspecs,
+    load_kernelspec,
+)
+from fps_kernels.kernel_driver.process import describe_exit
+from fps_kernels.registry import kernel_cwd
+
+
+def _spec(tmp: Path, name: str, data: object) -> Path:
+    path = tmp / name
+    path.mkdir(parents=True)
+    (path / "kernel.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_kernelspec_command_and_environment(tmp_path: Path) -> None:
+    spec = load_kernelspec(
+        _spec(
+            tmp_path,
+            "py",
+            {
+                "argv": ["python3", "-m", "k", "-f", "{connection_file}", "{resource_dir}"],
+                "display_name": "Py",
+                "language": "python",
+                "env": {"A": "${HOME}/x", "B": "b"},
+            },
+        )
+    )
+    argv = spec.command("/c.json")
+    assert argv[0] == sys.executable
+    assert argv[4:] == ["/c.json", str(tmp_path / "py")]
+    env = spec.environment({"HOME": "/home/me", "PYTHONEXECUTABLE": "x"})
+    assert env["A"] == "/home/me/x" and env["B"] == "b" and "PYTHONEXECUTABLE" not in env
+
+
+def test_kernelspec_validation(tmp_path: Path) -> None:
+    for name, data in [
+        ("noargv", {"display_name": "x"}),
+        ("emptyargv", {"argv": []}),
+        ("badenv", {"argv": ["x"], "env": {"A": 1}}),
+        ("badmode", {"argv": ["x"], "interrupt_mode": "bogus"}),
+        ("notjson", "{"),
+        ("list", "[]"),
+    ]:
+        with pytest.raises(InvalidKernelSpec):
+            load_kernelspec(_spec(tmp_path, name, data))
+
+
+def test_first_directory_wins_and_broken_are_skipped(tmp_path: Path) -> None:
+    high, low = tmp_path / "high", tmp_path / "low"
+    _spec(high, "k", {"argv": ["high"], "display_name": "High"})
+    _spec(low, "k", {"argv": ["low"], "display_name": "Low"})
+    _spec(low, "broken", "{")
+    specs = find_kernelspecs([high, low, tmp_path / "missing"])
+    assert specs["k"].argv == ["high"]
+    assert "broken" not in specs
+
+
+def test_connection_file_is_private_and_round_trips(tmp_path: Path) -> None:
+    info = new_connection_info(PortAllocator(), "python3")
+    path = tmp_path / "kernel.json"
+    write_connection_file(path, info)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_connection_file(path) == info
+    assert len(info.key) == 64
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "{", "[]", '{"key": "k"}', '{"shell_port": "x", "key": "k"}'],
+)
+def test_bad_connection_files(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(InvalidConnectionFile):
+        read_connection_file(path)
+
+
+def test_unknown_connection_fields_are_kept() -> None:
+    info = ConnectionInfo.model_validate(
+        {
+            "shell_port": 1,
+            "iopub_port": 2,
+            "stdin_port": 3,
+            "control_port": 4,
+            "hb_port": 5,
+            "key": "k",
+            "jupyter_session": "/x.ipynb",
+        }
+    )
+    assert info.model_dump()["jupyter_session"] == "/x.ipynb"
+    assert info.url("iopub") == "tcp://127.0.0.1:2"
+
+
+def test_ports_are_never_handed_out_twice() -> None:
+    allocator = PortAllocator()
+    taken: set[int] = set()
+    for _ in range(40):
+        ports = allocator.allocate(5)
+        assert not taken & set(ports)
+        taken.update(ports)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(port < low for port in taken)
+    allocator.release(taken)
+
+
+def test_exit_causes() -> None:
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL, likely out of memory"
+    assert describe_exit(-signal.SIGTERM) == "killed by SIGTERM"
+
+
+def test_kernel_cwd_stays_inside_root(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert kernel_cwd(tmp_path, "a/b/c/x.ipynb") == tmp_path / "a" / "b"
+    assert kernel_cwd(tmp_path, "a/b") == tmp_path / "a" / "b"
+    assert kernel_cwd(tmp_path, "../../etc/x.ipynb") == tmp_path
+    assert kernel_cwd(tmp_path, "/etc") == tmp_path
+    assert kernel_cwd(tmp_path, None) == tmp_path
+    outside = tmp_path.parent / "outside-link-target"
+    outside.mkdir(exist_ok=True)
+    os.symlink(outside, tmp_path / "escape")
+    assert kernel_cwd(tmp_path, "escape/x.ipynb") == tmp_path
