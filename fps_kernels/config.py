@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from jupyverse_api.kernels import KernelsConfig
 from pydantic import Field
+
+from .kernel_server.server import ServerSettings
 
 
 class KernelsPluginConfig(KernelsConfig):
@@ -29,3 +33,53 @@ class KernelsPluginConfig(KernelsConfig):
         description="Bytes of kernel messages queued for one WebSocket client before new "
         "ones are dropped (the client is told how many).",
     )
+    autorestart: bool = Field(
+        default=True,
+        description="Restart a kernel that dies on its own, under the same id and ports.",
+    )
+    restart_limit: int = Field(
+        default=5,
+        ge=1,
+        description="Deaths in a row right after a start (within stable_start_time, before "
+        "running any cell) after which a kernel is left dead.",
+    )
+    stable_start_time: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a restarted kernel must live (or run a cell) to count as stable.",
+    )
+    cull_idle_timeout: float = Field(
+        default=0,
+        ge=0,
+        description="Shut kernels down after this many seconds without activity (0: never). "
+        "A kernelspec's metadata.cull_idle_timeout overrides it (0 there: never).",
+    )
+    cull_interval: float = Field(
+        default=300,
+        gt=0,
+        description="Seconds between two checks for idle kernels.",
+    )
+    cull_connected: bool = Field(
+        default=False,
+        description="Also cull idle kernels that have WebSocket clients connected.",
+    )
+    cull_busy: bool = Field(
+        default=False,
+        description="Also cull kernels that are busy (running a cell without output).",
+    )
+    transport_encryption: Literal["disabled", "auto", "required"] = Field(
+        default="disabled",
+        description="CurveZMQ between the server and its kernels: 'auto' for kernelspecs "
+        "whose metadata.supported_encryption lists 'curve', 'required' refuses the others.",
+    )
+
+    def server_settings(self) -> ServerSettings:
+        return ServerSettings(
+            startup_timeout=self.startup_timeout,
+            shutdown_wait=self.shutdown_wait,
+            max_client_queue_bytes=self.max_client_queue_bytes,
+            autorestart=self.autorestart,
+            restart_limit=self.restart_limit,
+            stable_start_time=self.stable_start_time,
+            transport_encryption=self.transport_encryption,
+        )

@@ -46,19 +46,17 @@ class LocalLauncher(KernelLauncher):
         spec = self.kernelspecs().get(request.kernel_name.lower())
         if spec is None:
             raise KernelspecNotFound(request.kernel_name)
-        server = KernelServer(
-            kernelspec=spec,
-            kernel_name=request.kernel_name,
-            kernel_id=request.kernel_id,
-            kernel_cwd=request.cwd,
-            session_name=request.session_name,
-            capture_kernel_output=self._config.capture_kernel_output,
-            startup_timeout=self._config.startup_timeout,
-            shutdown_wait=self._config.shutdown_wait,
-            max_client_queue_bytes=self._config.max_client_queue_bytes,
-            ports=kernels.ports,
-        )
         try:
+            server = KernelServer(
+                kernelspec=spec,
+                kernel_name=request.kernel_name,
+                kernel_id=request.kernel_id,
+                kernel_cwd=request.cwd,
+                session_name=request.session_name,
+                capture_kernel_output=self._config.capture_kernel_output,
+                settings=self._config.server_settings(),
+                ports=kernels.ports,
+            )
             await server.start()
         except KernelStartError as error:
             raise KernelFailed(str(error)) from None
@@ -81,8 +79,7 @@ class ConnectionFileLauncher(KernelLauncher):
                 write_connection_file=False,
                 kernel_id=request.kernel_id,
                 kernel_name=request.kernel_name,
-                startup_timeout=self._config.startup_timeout,
-                max_client_queue_bytes=self._config.max_client_queue_bytes,
+                settings=self._config.server_settings(),
             )
             await server.start(launch_kernel=False)
         except (InvalidConnectionFile, KernelStartError) as error:

@@ -42,8 +42,9 @@ class KernelsComponent(Component):
         registry = Registry(config, kernels, LocalLauncher(config), root_dir=Path.cwd())
         router = _Kernels(app, config, auth, frontend_config, registry, yjs)
         ctx.add_resource(router, types=Kernels)
+        registry.start()
 
         yield
 
-        await registry.stop_all(timeout=3 * config.shutdown_wait + 10)
+        await registry.stop(timeout=3 * config.shutdown_wait + 10)
         logger.info("Kernels plugin stopped")

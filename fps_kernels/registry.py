@@ -14,8 +14,9 @@ from typing import Any
 from .config import KernelsPluginConfig
 from .errors import Conflict, KernelFailed, KernelNotFound, SessionNotFound
 from .kernel_driver.kernelspec import KernelSpec
-from .kernel_server.activity import isoformat_z
+from .kernel_server.activity import isoformat_z, utc_now
 from .kernel_server.registry import KernelEntry, KernelRegistry
+from .kernel_server.server import KernelServer
 from .launchers import KernelLauncher, KernelRequest
 from .models import CreateSession, KernelRef, StartKernel, UpdateSession
 
@@ -60,6 +61,21 @@ class Registry:
         self.sessions: dict[str, SessionRecord] = {}
         self._owned: set[str] = set()  # kernels this registry started, and so may shut down
         self._path_locks: dict[str, asyncio.Lock] = {}
+        self._culler: asyncio.Task[None] | None = None
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background work: culling idle kernels."""
+        self._culler = asyncio.create_task(self._cull_forever())
+
+    async def stop(self, timeout: float) -> None:
+        """Stop the background work, then every kernel (see stop_all)."""
+        if self._culler is not None:
+            self._culler.cancel()
+            await asyncio.gather(self._culler, return_exceptions=True)
+            self._culler = None
+        await self.stop_all(timeout)
 
     # --- kernelspecs ---------------------------------------------------------------------
 
@@ -123,13 +139,14 @@ class Registry:
         """Serve a kernel that runs elsewhere (it will never be signalled or killed)."""
         self.kernels[kernel_id] = entry
 
-    async def shutdown_kernel(self, kernel_id: str) -> None:
+    async def shutdown_kernel(self, kernel_id: str, notice: str | None = None) -> None:
+        """Shut a kernel down and forget it and its sessions; `notice` is told to clients."""
         entry = self.entry(kernel_id)
         for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
             del self.sessions[session.id]
         self.kernels.pop(kernel_id, None)
         self._owned.discard(kernel_id)
-        await entry.server.stop()
+        await entry.server.stop(notice)
 
     async def restart_kernel(self, kernel_id: str) -> None:
         server = self.entry(kernel_id).server
@@ -158,6 +175,49 @@ class Registry:
         for result in results:
             if isinstance(result, BaseException):
                 logger.error("A kernel did not stop cleanly", exc_info=result)
+
+    # --- culling -------------------------------------------------------------------------
+
+    async def _cull_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cull_interval)
+            await self.cull_idle_kernels()
+
+    def _cull_timeout(self, server: KernelServer) -> float:
+        metadata = server.kernelspec.metadata if server.kernelspec else {}
+        override = metadata.get("cull_idle_timeout")
+        if isinstance(override, (int, float)) and not isinstance(override, bool):
+            return float(override)
+        return self.config.cull_idle_timeout
+
+    async def cull_idle_kernels(self) -> None:
+        """Shut down the kernels we started that have been idle too long, telling clients why."""
+        now = utc_now()
+        for kernel_id in list(self._owned):
+            entry = self.kernels.get(kernel_id)
+            if entry is None:
+                continue
+            server = entry.server
+            timeout = self._cull_timeout(server)
+            if timeout <= 0:
+                continue
+            state = server.activity.execution_state
+            idle = (now - server.activity.last_activity).total_seconds()
+            if state != "dead" and (
+                idle < timeout
+                or (state == "busy" and not self.config.cull_busy)
+                or (server.connections and not self.config.cull_connected)
+            ):
+                continue
+            notice = (
+                f"Kernel shut down by the server after {idle:.0f} s without activity "
+                f"(cull_idle_timeout is {timeout:g} s)."
+            )
+            logger.info("Culling kernel %s (%s): %s", kernel_id, state, notice)
+            try:
+                await self.shutdown_kernel(kernel_id, notice)
+            except KernelNotFound:
+                continue
 
     # --- sessions ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -37,6 +38,13 @@ class ConnectionInfo(BaseModel):
     key: str
     signature_scheme: str = "hmac-sha256"
     kernel_name: str = ""
+    # CurveZMQ keys (Z85), when the transport is encrypted.
+    curve_publickey: str | None = None
+    curve_secretkey: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.curve_publickey and self.curve_secretkey)
 
     def url(self, channel: str) -> str:
         port = getattr(self, f"{channel}_port")
@@ -79,7 +87,7 @@ def write_connection_file(path: str | os.PathLike[str], info: ConnectionInfo) ->
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(info.model_dump(), f, indent=2)
+            json.dump(info.model_dump(exclude_none=True), f, indent=2)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -144,9 +152,14 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def new_connection_info(ports: PortAllocator, kernel_name: str = "") -> ConnectionInfo:
+def new_connection_info(
+    ports: PortAllocator, kernel_name: str = "", encrypted: bool = False
+) -> ConnectionInfo:
     shell, iopub, stdin, control, hb = ports.allocate(5)
+    public, secret = zmq.curve_keypair() if encrypted else (b"", b"")
     return ConnectionInfo(
+        curve_publickey=public.decode() or None,
+        curve_secretkey=secret.decode() or None,
         shell_port=shell,
         iopub_port=iopub,
         stdin_port=stdin,

@@ -15,8 +15,9 @@ import signal
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -72,6 +73,19 @@ class KernelStartError(RuntimeError):
     """The kernel did not come up: it could not be launched, exited, or never answered."""
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a KernelServer treats its kernel and clients (the plugin's options)."""
+
+    startup_timeout: float = 60.0
+    shutdown_wait: float = 3.0
+    max_client_queue_bytes: int = 256 * 1024 * 1024
+    autorestart: bool = True
+    restart_limit: int = 5
+    stable_start_time: float = 10.0
+    transport_encryption: Literal["disabled", "auto", "required"] = "disabled"
+
+
 class KernelServer:
     """Serves one kernel to any number of WebSocket clients.
 
@@ -93,9 +107,7 @@ class KernelServer:
         kernel_name: str = "",
         kernel_id: str = "",
         session_name: str | None = None,
-        startup_timeout: float = 60.0,
-        shutdown_wait: float = 3.0,
-        max_client_queue_bytes: int = 256 * 1024 * 1024,
+        settings: ServerSettings | None = None,
         ports: PortAllocator | None = None,
     ) -> None:
         if kernelspec is None and kernelspec_path:
@@ -108,9 +120,7 @@ class KernelServer:
         self.kernel_id = kernel_id or str(uuid.uuid4())
         self.kernel_name = kernel_name or (kernelspec.name if kernelspec else "")
         self.session_name = session_name
-        self.startup_timeout = startup_timeout
-        self.shutdown_wait = shutdown_wait
-        self.max_client_queue_bytes = max_client_queue_bytes
+        self.settings = settings or ServerSettings()
         self._ports = ports if ports is not None else kernels.ports
 
         self.activity = KernelActivity()
@@ -124,11 +134,14 @@ class KernelServer:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._process: KernelProcess | None = None
-        self._process_watch: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._unstable_deaths = 0  # deaths right after a start, in a row
+        self._ready_at = 0.0
+        self._did_work = False  # answered a client's execute_request since its last start
+        self._running_cell: dict[str, Any] = {}  # header of the execute_request being run
         self._iopub_seen = asyncio.Event()
         self._session = new_session_id()
         self._replay_guard = ReplayGuard()
-        self._expected_exit = False
         self._started = False
         self.kernel_info: dict[str, Any] = {}
 
@@ -196,7 +209,7 @@ class KernelServer:
                 info = parse_connection_info(connection_cfg)
                 self._ports.hold(info.ports())
             else:
-                info = new_connection_info(self._ports, self.kernel_name)
+                info = new_connection_info(self._ports, self.kernel_name, self._wants_curve())
             path = connection_file or str(runtime_dir() / f"kernel-{self.kernel_id}.json")
             write_connection_file(path, info)
             self.connection_file_path = path
@@ -207,6 +220,24 @@ class KernelServer:
         if connection_cfg is None:
             raise InvalidConnectionFile("No connection_cfg")
         return parse_connection_info(connection_cfg)
+
+    def _wants_curve(self) -> bool:
+        """Whether to encrypt with CurveZMQ, as transport_encryption and the kernelspec say."""
+        policy = self.settings.transport_encryption
+        if policy == "disabled":
+            return False
+        supported = (self.kernelspec.metadata if self.kernelspec else {}).get(
+            "supported_encryption", []
+        )
+        if isinstance(supported, str):
+            supported = [supported]
+        can = zmq.has("curve") and "curve" in [str(s).lower() for s in supported]
+        if policy == "required" and not can:
+            raise KernelStartError(
+                f"Kernel {self.kernel_name!r} cannot use CurveZMQ encryption, which "
+                "transport_encryption=required asks for"
+            )
+        return can
 
     def _remove_connection_file(self) -> None:
         if self.write_connection_file and self.connection_file_path:
@@ -228,6 +259,8 @@ class KernelServer:
         except BaseException:
             await self._shutdown_quietly()
             raise
+        if self._process is not None:
+            self._supervisor = self._spawn(self._supervise())
 
     async def _launch(self) -> None:
         if self.kernelspec is None:
@@ -254,25 +287,66 @@ class KernelServer:
             self.kernel_cwd or os.getcwd(),
         )
         self._process = process
-        self._expected_exit = False
-        self._process_watch = self._spawn(self._watch_process(process))
+        self._did_work = False
 
-    async def _watch_process(self, process: KernelProcess) -> None:
-        returncode = await process.wait()
-        if self._expected_exit or process is not self._process:
-            return
-        reason = f"Kernel {describe_exit(returncode)}"
-        logger.error("Kernel %s (%s) died: %s", self.kernel_id, self.kernel_name, reason)
-        await self._on_kernel_died(reason)
+    async def _supervise(self) -> None:
+        """Watch the kernel process; when it dies on its own, restart it or give up."""
+        loop = asyncio.get_running_loop()
+        while self._process is not None:
+            returncode = await self._process.wait()
+            cause = f"Kernel {describe_exit(returncode)}"
+            stable = (
+                self._did_work or loop.time() - self._ready_at >= self.settings.stable_start_time
+            )
+            self._unstable_deaths = 0 if stable else self._unstable_deaths + 1
+            if (
+                not self.settings.autorestart
+                or self._unstable_deaths >= self.settings.restart_limit
+            ):
+                why = (
+                    "automatic restart is off"
+                    if not self.settings.autorestart
+                    else f"it died {self._unstable_deaths} times in a row right after starting"
+                )
+                logger.error("Kernel %s died and stays dead (%s): %s", self.kernel_id, why, cause)
+                await self._process.terminate(self.settings.shutdown_wait)
+                self._notify(f"{cause}; {why}, so it was not restarted.", "dead", cause)
+                return
+            logger.error("Kernel %s died (%s): restarting it", self.kernel_id, cause)
+            self._notify(f"{cause}; restarting it.", "restarting", cause)
+            await self._process.terminate(self.settings.shutdown_wait)
+            try:
+                await self._launch()
+                await self._wait_ready()
+            except KernelStartError as error:
+                logger.error("Kernel %s did not come back: %s", self.kernel_id, error)
+                if self._process is not None and self._process.is_alive():
+                    await self._process.terminate(self.settings.shutdown_wait)
+                self._ready_at = loop.time()
+                continue
+            logger.info("Kernel %s restarted after: %s", self.kernel_id, cause)
 
-    async def _on_kernel_died(self, reason: str) -> None:
-        self.activity.set_state("dead", reason)
-        self.broadcast_status("dead")
-        self.broadcast_stderr(f"{reason}.\n")
+    def _notify(self, text: str, state: ExecutionState, reason: str) -> None:
+        """Tell clients what happened to the kernel: a stderr line in the running cell, then
+        the new state (JupyterLab forgets a cell's requests on `restarting`, so the text first).
+        """
+        self.activity.set_state(state, reason)
+        parent = self._running_cell
+        self._running_cell = {}
+        self.broadcast(
+            server_message(
+                "iopub",
+                "stream",
+                {"name": "stderr", "text": f"[fps_kernels] {text}\n"},
+                self._session,
+                parent,
+            )
+        )
+        self.broadcast_status(state)
 
     async def _wait_ready(self, timeout: float | None = None) -> None:
         """Ask kernel_info until the kernel answers on shell and iopub reaches us."""
-        timeout = self.startup_timeout if timeout is None else timeout
+        timeout = self.settings.startup_timeout if timeout is None else timeout
         self._iopub_seen.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -316,8 +390,9 @@ class KernelServer:
             if exited is not None and not exited.done():
                 exited.cancel()
         self.kernel_info = replied.result().content()
+        self._ready_at = loop.time()
         if self.activity.execution_state in ("starting", "restarting"):
-            self.activity.set_state("idle")
+            self.activity.set_state("idle", self.activity.reason)
 
     def _output_tail(self) -> str:
         if self._process is None or not self._process.recent_output:
@@ -336,52 +411,62 @@ class KernelServer:
         """Restart the kernel under the same id, connection file and ports."""
         if self._process is None:
             raise KernelStartError("only a kernel launched by this server can be restarted")
-        self.activity.set_state("restarting")
+        await self._stop_supervising()
+        self.activity.set_state("restarting", self.activity.reason)
         await self._stop_process(restart=True)
         self._replay_guard.clear()
+        self._unstable_deaths = 0
         try:
             await self._launch()
             await self._wait_ready()
         except BaseException as error:
-            reason = str(error) or "the kernel did not restart"
-            self.activity.set_state("dead", reason)
-            self.broadcast_status("dead")
+            if self._process is not None:
+                await self._process.terminate(self.settings.shutdown_wait)
+            self._notify(f"The kernel did not restart: {error}", "dead", str(error))
             raise
+        self._supervisor = self._spawn(self._supervise())
 
-    async def stop(self) -> None:
+    async def stop(self, notice: str | None = None) -> None:
         """Shut the kernel down (if we launched it), tell clients, and release everything."""
+        await self._stop_supervising()
         if self._process is not None:
             await self._stop_process(restart=False)
-        self.activity.set_state("dead", self.activity.reason)
-        self.broadcast_status("dead")
-        await self._close_clients(1000, "Kernel shut down")
+        if notice:
+            self._notify(notice, "dead", notice)
+        else:
+            self.activity.set_state("dead", self.activity.reason)
+            self.broadcast_status("dead")
+        await self._close_clients(1000, notice or "Kernel shut down")
         await self._close()
+
+    async def _stop_supervising(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
 
     async def _stop_process(self, restart: bool) -> None:
         process = self._process
         if process is None:
             return
-        self._expected_exit = True
+        wait = self.settings.shutdown_wait
         if process.is_alive():
             self._request("control", "shutdown_request", {"restart": restart})
             try:
-                await asyncio.wait_for(process.wait(), self.shutdown_wait)
+                await asyncio.wait_for(process.wait(), wait)
             except asyncio.TimeoutError:
                 logger.info("Kernel %s ignored shutdown_request: terminating", self.kernel_id)
-        returncode = await process.terminate(self.shutdown_wait)
+        returncode = await process.terminate(wait)
         logger.info(
             "Kernel %s %s",
             self.kernel_id,
             describe_exit(returncode) if returncode is not None else "could not be reaped",
         )
-        if self._process_watch is not None:
-            self._process_watch.cancel()
-            self._process_watch = None
 
     async def _shutdown_quietly(self) -> None:
+        await self._stop_supervising()
         if self._process is not None:
-            self._expected_exit = True
-            await self._process.terminate(self.shutdown_wait)
+            await self._process.terminate(self.settings.shutdown_wait)
         await self._close()
 
     async def _close(self) -> None:
@@ -406,6 +491,7 @@ class KernelServer:
         # shell and stdin share one identity: the kernel sends input_request on stdin to
         # the identity that sent the execute_request on shell.
         identity = uuid.uuid4().hex.encode()
+        info = self.connection_info
         for channel in _KERNEL_CHANNELS:
             sock = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
@@ -415,7 +501,11 @@ class KernelServer:
                 sock.setsockopt(zmq.RCVHWM, 0)
             else:
                 sock.setsockopt(zmq.IDENTITY, identity)
-            sock.connect(self.connection_info.url(channel))
+            if info.encrypted:
+                sock.curve_secretkey = info.curve_secretkey.encode()  # type: ignore[union-attr]
+                sock.curve_publickey = info.curve_publickey.encode()  # type: ignore[union-attr]
+                sock.curve_serverkey = info.curve_publickey.encode()  # type: ignore[union-attr]
+            sock.connect(info.url(channel))
             self._sockets[channel] = sock
         for channel in _KERNEL_CHANNELS:
             self._spawn(self._read(channel))
@@ -466,6 +556,8 @@ class KernelServer:
             if not own.done():
                 own.set_result(message)
             return
+        if channel == "shell" and message.msg_type == "execute_reply":
+            self._did_work = True
         if channel == "stdin":
             session_id = self._routes.get(parent_id)
         else:
@@ -481,6 +573,9 @@ class KernelServer:
         if msg_type == "status":
             state = message.content().get("execution_state")
             self.activity.observe(msg_type, message.parent_msg_type, state)
+            if message.parent_msg_type == "execute_request":
+                # Remembered so that a notice about the kernel's death lands in that cell.
+                self._running_cell = message.parent_header if state == "busy" else {}
         elif self.activity.execution_state == "busy":
             # Cheap path for floods of output while busy: no need to read the parent.
             self.activity.observe(msg_type, None)
@@ -536,7 +631,7 @@ class KernelServer:
         protocol: Protocol = "v1" if V1_SUBPROTOCOL in offered else "legacy"
         await websocket.accept(subprotocol=V1_SUBPROTOCOL if protocol == "v1" else None)
         client = ClientConnection(
-            websocket, session_id, protocol, self.max_client_queue_bytes, self._session
+            websocket, session_id, protocol, self.settings.max_client_queue_bytes, self._session
         )
         stale = self._clients.get(session_id)
         self._clients[session_id] = client
