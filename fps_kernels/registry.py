@@ -169,9 +169,13 @@ class Registry:
             stops.append(entry.server.stop())
         if not stops:
             return
-        results = await asyncio.wait_for(
-            asyncio.gather(*stops, return_exceptions=True), timeout=timeout
-        )
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*stops, return_exceptions=True), timeout=timeout
+            )
+        except asyncio.TimeoutError:
+            logger.error("Kernels did not all stop within %s s", timeout)
+            return
         for result in results:
             if isinstance(result, BaseException):
                 logger.error("A kernel did not stop cleanly", exc_info=result)

@@ -43,6 +43,14 @@ def kernel_processes(runtime_dir: Path) -> list[int]:
     return pids
 
 
+def kernel_pid(runtime_dir: Path, kernel_id: str) -> int:
+    """The pid of the ipykernel process serving `kernel_id`."""
+    for pid in kernel_processes(runtime_dir):
+        if kernel_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no process for kernel {kernel_id}")
+
+
 def write_kernelspec(share: Path, name: str, spec: dict[str, Any]) -> Path:
     spec_dir = share / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)

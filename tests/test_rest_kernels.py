@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import JupyverseServer, kernel_processes
+from .conftest import JupyverseServer, kernel_pid, kernel_processes
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -199,7 +199,7 @@ def test_kernel_cwd_and_environment(client: httpx.Client, server: JupyverseServe
     session = response.json()
     kernel_id = session["kernel"]["id"]
     try:
-        pid = _kernel_pid(server, kernel_id)
+        pid = kernel_pid(server.runtime_dir, kernel_id)
         assert os.readlink(f"/proc/{pid}/cwd") == str((server.root / "sub").resolve())
         env = dict(
             item.split("=", 1)
@@ -217,14 +217,7 @@ def test_kernel_cwd_and_environment(client: httpx.Client, server: JupyverseServe
     escaping = client.post("/api/kernels", json={"path": "../../../etc/x.ipynb"})
     assert escaping.status_code == 201
     try:
-        pid = _kernel_pid(server, escaping.json()["id"])
+        pid = kernel_pid(server.runtime_dir, escaping.json()["id"])
         assert os.readlink(f"/proc/{pid}/cwd") == str(server.root.resolve())
     finally:
         client.delete(f"/api/kernels/{escaping.json()['id']}")
-
-
-def _kernel_pid(server: JupyverseServer, kernel_id: str) -> int:
-    for pid in kernel_processes(server.runtime_dir):
-        if kernel_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return pid
-    raise AssertionError(f"no process for kernel {kernel_id}")

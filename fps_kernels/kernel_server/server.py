@@ -140,6 +140,9 @@ class KernelServer:
         self._did_work = False  # answered a client's execute_request since its last start
         self._running_cell: dict[str, Any] = {}  # header of the execute_request being run
         self._iopub_seen = asyncio.Event()
+        # Clear while the kernel (re)starts: client messages wait, or the kernel would run
+        # them before our iopub socket is connected to it, and their output would be lost.
+        self._accepting = asyncio.Event()
         self._session = new_session_id()
         self._replay_guard = ReplayGuard()
         self._started = False
@@ -315,6 +318,9 @@ class KernelServer:
             logger.error("Kernel %s died (%s): restarting it", self.kernel_id, cause)
             self._notify(f"{cause}; restarting it.", "restarting", cause)
             await self._process.terminate(self.settings.shutdown_wait)
+            if self._unstable_deaths > 1:
+                # Back off when it keeps failing: whatever kills it may pass.
+                await asyncio.sleep(min(0.25 * 2 ** (self._unstable_deaths - 2), 2.0))
             try:
                 await self._launch()
                 await self._wait_ready()
@@ -331,6 +337,10 @@ class KernelServer:
         the new state (JupyterLab forgets a cell's requests on `restarting`, so the text first).
         """
         self.activity.set_state(state, reason)
+        if state == "restarting":
+            self._accepting.clear()
+        else:
+            self._accepting.set()
         parent = self._running_cell
         self._running_cell = {}
         self.broadcast(
@@ -391,6 +401,7 @@ class KernelServer:
                 exited.cancel()
         self.kernel_info = replied.result().content()
         self._ready_at = loop.time()
+        self._accepting.set()
         if self.activity.execution_state in ("starting", "restarting"):
             self.activity.set_state("idle", self.activity.reason)
 
@@ -412,6 +423,7 @@ class KernelServer:
         if self._process is None:
             raise KernelStartError("only a kernel launched by this server can be restarted")
         await self._stop_supervising()
+        self._accepting.clear()
         self.activity.set_state("restarting", self.activity.reason)
         await self._stop_process(restart=True)
         self._replay_guard.clear()
@@ -429,6 +441,7 @@ class KernelServer:
     async def stop(self, notice: str | None = None) -> None:
         """Shut the kernel down (if we launched it), tell clients, and release everything."""
         await self._stop_supervising()
+        self._accepting.set()
         if self._process is not None:
             await self._stop_process(restart=False)
         if notice:
@@ -702,6 +715,14 @@ class KernelServer:
         ):
             logger.info("Kernel %s: filtered out a %s from a client", self.kernel_id, msg_type)
             return
+        if not self._accepting.is_set():
+            try:
+                await asyncio.wait_for(self._accepting.wait(), self.settings.startup_timeout)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "Kernel %s: dropped a %s (kernel not ready)", self.kernel_id, msg_type
+                )
+                return
         msg_id = message.header.get("msg_id")
         if isinstance(msg_id, str):
             self._routes[msg_id] = client.session_id
