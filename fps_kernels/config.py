@@ -28,10 +28,23 @@ class KernelsPluginConfig(KernelsConfig):
         description="Send the kernels' stdout and stderr to the server log.",
     )
     max_client_queue_bytes: int = Field(
-        default=256 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         gt=0,
-        description="Bytes of kernel messages queued for one WebSocket client before new "
-        "ones are dropped (the client is told how many).",
+        description="Bytes of kernel messages kept for one client that is behind or "
+        "disconnected; past it, consecutive stream outputs are merged, then output is dropped "
+        "(and the client told how much).",
+    )
+    offline_buffer_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds the messages for a disconnected client are kept, to be replayed "
+        "when it reconnects with the same session_id.",
+    )
+    max_message_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        gt=0,
+        description="Largest WebSocket message a client may send to a kernel; a larger one "
+        "closes the socket with code 1009 and a log line.",
     )
     autorestart: bool = Field(
         default=True,
@@ -78,6 +91,8 @@ class KernelsPluginConfig(KernelsConfig):
             startup_timeout=self.startup_timeout,
             shutdown_wait=self.shutdown_wait,
             max_client_queue_bytes=self.max_client_queue_bytes,
+            offline_buffer_seconds=self.offline_buffer_seconds,
+            max_message_bytes=self.max_message_bytes,
             autorestart=self.autorestart,
             restart_limit=self.restart_limit,
             stable_start_time=self.stable_start_time,

@@ -1,111 +1,231 @@
-"""One client's WebSocket: its protocol, its bounded send queue and the task that drains it."""
+"""One client of a kernel: its mailbox of kernel messages, and the socket that drains it.
+
+A client is known by its session_id. Its mailbox outlives its WebSocket: when the socket
+drops, what the kernel says to the client keeps being queued (bounded in bytes and time), and a
+new socket with the same session_id receives it, in order, before anything live.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..kernel_driver.wire import pack
 from .messages import KernelMessage, server_message
 
 logger = logging.getLogger(__name__)
 
 Protocol = Literal["v1", "legacy"]
 
+# Small and needed to finish a cell: never dropped, whatever the bound.
+_KEPT_TYPES = frozenset({"status", "execute_reply", "input_request", "kernel_info_reply"})
+
+
+class StreamRun:
+    """Consecutive stream messages of one parent and name, merged while the client is behind."""
+
+    __slots__ = ("first", "name", "texts", "size", "sealed")
+
+    def __init__(self, first: KernelMessage, name: str, text: str) -> None:
+        self.first = first
+        self.name = name
+        self.texts = [text]
+        self.size = first.size()
+        self.sealed = False
+
+    def add(self, text: str) -> int:
+        self.texts.append(text)
+        added = len(text.encode())
+        self.size += added
+        return added
+
+    def render(self) -> KernelMessage:
+        if len(self.texts) == 1:
+            return self.first
+        header, parent, metadata, _content = self.first.parts
+        content = pack({"name": self.name, "text": "".join(self.texts)})
+        return KernelMessage(self.first.channel, [header, parent, metadata, content], [])
+
+
+class DropNotice:
+    """Stands where output was dropped; tells the client how much when its turn comes."""
+
+    __slots__ = ("count", "parent_header")
+    size = 256
+
+    def __init__(self, parent_header: dict[str, Any]) -> None:
+        self.count = 0
+        self.parent_header = parent_header
+
+
+_Item = KernelMessage | StreamRun | DropNotice
+
 
 class ClientConnection:
-    """Queues what the kernel says for one client, so that a slow client never slows others.
+    """The mailbox of one client (session_id), and its current WebSocket if it has one."""
 
-    `send` never waits: frames are queued up to `max_queue_bytes`, and past that they are
-    dropped and counted, and the client is told how many it missed.
-    """
-
-    def __init__(
-        self,
-        websocket: WebSocket,
-        session_id: str,
-        protocol: Protocol,
-        max_queue_bytes: int,
-        notice_session: str,
-    ) -> None:
-        self.websocket = websocket
+    def __init__(self, session_id: str, max_queue_bytes: int, notice_session: str) -> None:
         self.session_id = session_id
-        self.protocol = protocol
         self.max_queue_bytes = max_queue_bytes
         self._notice_session = notice_session
-        self._queue: deque[bytes | str] = deque()
+        self.websocket: WebSocket | None = None
+        self.protocol: Protocol = "v1"
+        self._queue: deque[_Item] = deque()
         self._queued_bytes = 0
-        self._dropped = 0
         self._ready = asyncio.Event()
-        self._closed = False
         self._close_with: tuple[int, str] | None = None
         self._done = asyncio.Event()
+        self._done.set()
+        self.expiry: asyncio.TimerHandle | None = None
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def online(self) -> bool:
+        return self.websocket is not None
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    # --- filling the mailbox (never waits) -------------------------------------------------
 
     def send(self, message: KernelMessage) -> None:
-        if self._closed:
+        size = message.size()
+        if not self._queue:
+            self._append(message, size)
             return
-        frame = message.v1_frame() if self.protocol == "v1" else message.legacy_frame()
-        size = len(frame)
-        if self._queue and self._queued_bytes + size > self.max_queue_bytes:
-            self._dropped += 1
+        msg_type = message.msg_type
+        if msg_type == "stream" and self._merge(message):
             return
-        self._queue.append(frame)
+        if self._queued_bytes + size > self.max_queue_bytes and msg_type not in _KEPT_TYPES:
+            self._drop(message)
+            return
+        self._append(message, size)
+
+    def _append(self, item: _Item, size: int) -> None:
+        self._queue.append(item)
         self._queued_bytes += size
         self._ready.set()
 
-    async def run(self) -> None:
-        """Drain the queue into the WebSocket until the socket goes away or is closed."""
+    def _merge(self, message: KernelMessage) -> bool:
+        """Fold a stream message into the last queued one of the same parent and name."""
+        last = self._queue[-1]
+        if isinstance(last, DropNotice):
+            return False
+        base = last.first if isinstance(last, StreamRun) else last
+        if base.msg_type != "stream" or (isinstance(last, StreamRun) and last.sealed):
+            return False
+        if base.parent_msg_id != message.parent_msg_id:
+            return False
+        content = _stream_content(message)
+        if content is None:
+            return False
+        name, text = content
+        if isinstance(last, StreamRun):
+            if last.name != name:
+                return False
+            run = last
+        else:
+            first = _stream_content(last)
+            if first is None or first[0] != name:
+                return False
+            run = StreamRun(last, name, first[1])
+            self._queue[-1] = run
+        added = len(text.encode())
+        if self._queued_bytes + added > self.max_queue_bytes:
+            self._drop(message)
+            return True
+        self._queued_bytes += run.add(text)
+        return True
+
+    def _drop(self, message: KernelMessage) -> None:
+        last = self._queue[-1]
+        if not isinstance(last, DropNotice):
+            last = DropNotice(message.parent_header)
+            self._append(last, last.size)
+        last.count += 1
+
+    # --- draining it into a socket ---------------------------------------------------------
+
+    def attach(self, websocket: WebSocket, protocol: Protocol) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        self.websocket = websocket
+        self.protocol = protocol
+        self._close_with = None
+        self._done = asyncio.Event()
+        self._ready.set()
+
+    def detach(self, websocket: WebSocket) -> None:
+        if self.websocket is websocket:
+            self.websocket = None
+            self._ready.set()
+
+    async def run(self, websocket: WebSocket) -> None:
+        """Drain the mailbox into `websocket` until it goes away, is replaced or closed."""
+        done = self._done
         try:
-            while True:
+            while self.websocket is websocket:
                 await self._ready.wait()
                 self._ready.clear()
-                while self._queue:
-                    frame = self._queue.popleft()
-                    self._queued_bytes -= len(frame)
-                    await self._write(frame)
-                    if self._dropped and not self._queue:
-                        self._notify_dropped()
-                if self._close_with is not None:
+                while self._queue and self.websocket is websocket:
+                    await self._write(websocket, self._pop())
+                if self._close_with is not None and self.websocket is websocket:
                     code, reason = self._close_with
-                    await self.websocket.close(code=code, reason=reason)
+                    await websocket.close(code=code, reason=reason)
                     return
         except (WebSocketDisconnect, OSError, RuntimeError) as error:
             # The socket closed under us; the receive side notices and cleans up.
             logger.debug("Stopped writing to client %s: %r", self.session_id, error)
         finally:
-            self._closed = True
-            self._done.set()
+            if self.websocket is websocket:
+                self.websocket = None
+            done.set()
 
-    async def _write(self, frame: bytes | str) -> None:
+    def _pop(self) -> KernelMessage:
+        item = self._queue.popleft()
+        if isinstance(item, KernelMessage):
+            self._queued_bytes -= item.size()
+            return item
+        self._queued_bytes -= item.size
+        if isinstance(item, StreamRun):
+            return item.render()
+        return self._drop_notice(item)
+
+    async def _write(self, websocket: WebSocket, message: KernelMessage) -> None:
+        if self.protocol == "v1":
+            await websocket.send_bytes(message.v1_frame())
+            return
+        frame = message.legacy_frame()
         if isinstance(frame, str):
-            await self.websocket.send_text(frame)
+            await websocket.send_text(frame)
         else:
-            await self.websocket.send_bytes(frame)
+            await websocket.send_bytes(frame)
 
-    def _notify_dropped(self) -> None:
-        count, self._dropped = self._dropped, 0
+    def _drop_notice(self, notice: DropNotice) -> KernelMessage:
         text = (
-            f"[fps_kernels] {count} message(s) from the kernel were dropped because this client "
-            f"could not keep up (more than {self.max_queue_bytes} bytes were waiting).\n"
-        )
-        notice = server_message(
-            "iopub", "stream", {"name": "stderr", "text": text}, self._notice_session
+            f"[fps_kernels] {notice.count} output message(s) were dropped for this client: it "
+            f"could not keep up, and more than {self.max_queue_bytes} bytes were waiting for it.\n"
         )
         logger.warning("Client %s: %s", self.session_id, text.strip())
-        frame = notice.v1_frame() if self.protocol == "v1" else notice.legacy_frame()
-        self._queue.append(frame)
-        self._queued_bytes += len(frame)
+        return server_message(
+            "iopub",
+            "stream",
+            {"name": "stderr", "text": text},
+            self._notice_session,
+            notice.parent_header,
+        )
 
     async def close(self, code: int = 1000, reason: str = "", flush_timeout: float = 2.0) -> None:
         """Send what is queued, then close the socket with `code`."""
-        if self._closed or self._close_with is not None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        if self.websocket is None:
             return
         self._close_with = (code, reason)
         self._ready.set()
@@ -113,4 +233,27 @@ class ClientConnection:
             await asyncio.wait_for(self._done.wait(), flush_timeout)
         except asyncio.TimeoutError:
             logger.info("Client %s did not take its last messages in time", self.session_id)
-            self._closed = True
+            self.websocket = None
+
+    async def replace(self, code: int, reason: str) -> None:
+        """Close the current socket (a newer one takes over this mailbox)."""
+        websocket = self.websocket
+        if websocket is None:
+            return
+        self.websocket = None
+        self._ready.set()
+        try:
+            await websocket.close(code=code, reason=reason)
+        except (WebSocketDisconnect, OSError, RuntimeError) as error:
+            logger.debug("Stale socket of client %s was already gone: %r", self.session_id, error)
+
+
+def _stream_content(message: KernelMessage) -> tuple[str, str] | None:
+    try:
+        content = json.loads(message.parts[3])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    name, text = content.get("name"), content.get("text")
+    if not isinstance(name, str) or not isinstance(text, str):
+        return None
+    return name, text

@@ -16,7 +16,7 @@ class KernelMessage:
     many clients receive it.
     """
 
-    __slots__ = ("channel", "parts", "buffers", "_header", "_parent", "_v1", "_legacy")
+    __slots__ = ("channel", "parts", "buffers", "_header", "_parent", "_v1", "_legacy", "_size")
 
     def __init__(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
         self.channel = channel
@@ -26,6 +26,7 @@ class KernelMessage:
         self._parent: dict[str, Any] | None = None
         self._v1: bytes | None = None
         self._legacy: bytes | str | None = None
+        self._size = -1
 
     @property
     def header(self) -> dict[str, Any]:
@@ -73,7 +74,9 @@ class KernelMessage:
         return self._legacy
 
     def size(self) -> int:
-        return sum(len(p) for p in self.parts) + sum(len(b) for b in self.buffers)
+        if self._size < 0:
+            self._size = sum(len(p) for p in self.parts) + sum(len(b) for b in self.buffers)
+        return self._size
 
 
 def _object(data: bytes) -> dict[str, Any]:

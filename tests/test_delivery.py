@@ -1,0 +1,200 @@
+"""No output lost: replay after a drop, merged streams, bounded memory, large messages."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from .conftest import JupyverseServer
+from .kernel_client import KernelClient, Msg, make_msg
+from .test_websocket import ECHO_TARGET
+
+pytestmark = pytest.mark.anyio
+
+
+def _stdout(msgs: list[Msg], parent: str) -> str:
+    return "".join(
+        m.content["text"]
+        for m in msgs
+        if m.msg_type == "stream" and m.parent_id == parent and m.content["name"] == "stdout"
+    )
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("protocol", ["v1", "legacy"])
+async def test_replay_after_a_drop(server: JupyverseServer, kernel: str, protocol: str) -> None:
+    session_id = uuid.uuid4().hex
+    first = await KernelClient.connect(server.ws_url, kernel, protocol, session_id=session_id)
+    code = (
+        "import time\n"
+        "for i in range(0, 100): print(i)\n"
+        "time.sleep(1.5)\n"  # the client is away now
+        "for i in range(100, 3000): print(i)\n"
+        "time.sleep(1.5)\n"  # and back
+        "for i in range(3000, 3100): print(i)\n"
+    )
+    msg_id = await first.execute(code)
+    before = await first.until(
+        lambda m: m.msg_type == "stream" and m.content["text"].rstrip().endswith("99")
+    )
+    await first.ws.transport.abort() if False else first.ws.transport.abort()
+    await anyio.sleep(1.0)
+    second = await KernelClient.connect(server.ws_url, kernel, protocol, session_id=session_id)
+    try:
+        after = await second.until_idle(msg_id, timeout=30)
+        text = _stdout(before, msg_id) + _stdout(after, msg_id)
+        assert text.splitlines() == [str(i) for i in range(3100)]
+        # what was missed came first, merged, and before the live part
+        replayed = [m for m in after if m.msg_type == "stream"]
+        assert replayed[0].content["text"].startswith("100\n")
+        assert len(replayed) < 100
+        reply = [m for m in after if m.msg_type == "execute_reply"]
+        if not reply:
+            reply = (await second.until(lambda m: m.msg_type == "execute_reply"))[-1:]
+        assert reply[0].parent_id == msg_id
+    finally:
+        await second.close()
+
+
+async def test_another_session_gets_no_replay(server: JupyverseServer, kernel: str) -> None:
+    first = await KernelClient.connect(server.ws_url, kernel)
+    msg_id = await first.execute("import time; time.sleep(0.5); print('missed')")
+    await first.close()
+    await anyio.sleep(1.5)
+    other = await KernelClient.connect(server.ws_url, kernel)
+    try:
+        _msgs, stdout = await other.run("print('live')")
+        assert stdout == "live\n"
+        assert not [m for m in other.received if m.parent_id == msg_id]
+    finally:
+        await other.close()
+
+
+@pytest.fixture(scope="module")
+def small_buffer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
+    srv = JupyverseServer(
+        tmp_path_factory.mktemp("smallbuf"),
+        kernels={
+            "max_client_queue_bytes": 200_000,
+            "offline_buffer_seconds": 30,
+            "max_message_bytes": 1024 * 1024,
+        },
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+async def test_bounded_buffer_says_what_it_dropped(small_buffer_server: JupyverseServer) -> None:
+    srv = small_buffer_server
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+        kernel_id = (await http.post("/api/kernels", json={})).json()["id"]
+        session_id = uuid.uuid4().hex
+        client = await KernelClient.connect(srv.ws_url, kernel_id, session_id=session_id)
+        await client.run("from IPython.display import display")
+        msg_id = await client.execute(
+            "import time; time.sleep(0.5)\n"
+            "for i in range(2000): display({'text/plain': 'x' * 500}, raw=True)\n"
+            "print('done')"
+        )
+        await client.close()
+        await anyio.sleep(4)
+        back = await KernelClient.connect(srv.ws_url, kernel_id, session_id=session_id)
+        msgs = await back.until_idle(msg_id, timeout=30)
+        notices = [
+            m
+            for m in msgs
+            if m.msg_type == "stream" and "were dropped for this client" in m.content["text"]
+        ]
+        assert len(notices) == 1
+        dropped = int(notices[0].content["text"].split("] ")[1].split()[0])
+        shown = [m for m in msgs if m.msg_type == "display_data" and m.parent_id == msg_id]
+        ids = [m.header["msg_id"] for m in shown]
+        assert len(ids) == len(set(ids))
+        printed = _stdout(msgs, msg_id).count("done")
+        # every output of the cell (2000 displays and a print) was delivered or counted
+        assert dropped > 0 and dropped + len(shown) + printed == 2001, (dropped, len(shown))
+        assert notices[0].parent_id == msg_id  # it lands in the cell
+        await back.close()
+        await http.delete(f"/api/kernels/{kernel_id}")
+    assert "were dropped for this client" in srv.read_log()
+
+
+async def test_memory_stays_flat_under_a_flood_to_a_slow_reader(
+    small_buffer_server: JupyverseServer,
+) -> None:
+    srv = small_buffer_server
+    assert srv.process is not None
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+        kernel_id = (await http.post("/api/kernels", json={})).json()["id"]
+        slow = await KernelClient.connect(srv.ws_url, kernel_id, max_queue=1)
+        fast = await KernelClient.connect(srv.ws_url, kernel_id)
+        await fast.run("pass")
+        start_rss = _rss_kib(srv.process.pid)
+        peak = start_rss
+        msg_id = await fast.execute("for i in range(1_000_000): print(i)")
+        lines = 0
+        with anyio.fail_after(120):
+            while True:
+                msg = await fast.receive(60)
+                if msg.msg_type == "stream" and msg.parent_id == msg_id:
+                    lines += msg.content["text"].count("\n")
+                if msg.msg_type == "status" and msg.parent_id == msg_id:
+                    if msg.content["execution_state"] == "idle":
+                        break
+                peak = max(peak, _rss_kib(srv.process.pid))
+        assert lines == 1_000_000  # the fast client got every line
+        # the slow one cost at most its bound (200 kB) plus noise, not the whole output
+        assert (peak - start_rss) < 60 * 1024, (start_rss, peak)
+        slow.ws.transport.abort()
+        await fast.close()
+        await http.delete(f"/api/kernels/{kernel_id}")
+
+
+@pytest.mark.parametrize("protocol", ["v1", "legacy"])
+async def test_64_mib_round_trip(server: JupyverseServer, kernel: str, protocol: str) -> None:
+    client = await KernelClient.connect(server.ws_url, kernel, protocol)
+    try:
+        await client.run(ECHO_TARGET)
+        comm_id = uuid.uuid4().hex
+        await client.request("comm_open", {"comm_id": comm_id, "target_name": "echo", "data": {}})
+        payload = uuid.uuid4().bytes * (4 * 1024 * 1024)  # 64 MiB
+        msg = make_msg("comm_msg", {"comm_id": comm_id, "data": {}}, client.session_id)
+        await client.send(msg, [payload])
+        echo = (await client.until(lambda m: m.msg_type == "comm_msg", timeout=120))[-1]
+        assert len(echo.buffers) == 1
+        assert hashlib.sha256(bytes(echo.buffers[0])).digest() == hashlib.sha256(payload).digest()
+    finally:
+        await client.close()
+
+
+async def test_too_large_a_message_closes_with_1009(small_buffer_server: JupyverseServer) -> None:
+    srv = small_buffer_server
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+        kernel_id = (await http.post("/api/kernels", json={})).json()["id"]
+        client = await KernelClient.connect(srv.ws_url, kernel_id)
+        bystander = await KernelClient.connect(srv.ws_url, kernel_id)
+        msg = make_msg("comm_msg", {"comm_id": "x", "data": {}}, client.session_id)
+        await client.send(msg, [b"x" * (2 * 1024 * 1024)])
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await client.receive(10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        _msgs, stdout = await bystander.run("print('fine')")
+        assert stdout == "fine\n"
+        await bystander.close()
+        await http.delete(f"/api/kernels/{kernel_id}")
+    assert "sent a message over 1048576 bytes (max_message_bytes)" in srv.read_log()
