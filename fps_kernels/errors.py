@@ -49,3 +49,15 @@ class Conflict(KernelsError):
 
 class KernelFailed(KernelsError):
     """A kernel that would not start, restart or answer."""
+
+
+class DocumentNotFound(NotFound):
+    def __init__(self, document_id: str, detail: str = "") -> None:
+        super().__init__(f"Document not found: {document_id}{detail}")
+        self.document_id = document_id
+
+
+class CellNotFound(NotFound):
+    def __init__(self, document_id: str, cell_id: str) -> None:
+        super().__init__(f"Cell not found: {cell_id} (in document {document_id})")
+        self.cell_id = cell_id

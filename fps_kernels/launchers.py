@@ -72,16 +72,23 @@ class ConnectionFileLauncher(KernelLauncher):
     def kernelspecs(self) -> dict[str, KernelSpec]:
         return {}
 
-    async def launch(self, request: KernelRequest) -> KernelServer:
+    def prepare(self, request: KernelRequest) -> KernelServer:
+        """The server for the kernel, not started yet (KernelFailed for a bad file)."""
         try:
-            server = KernelServer(
+            return KernelServer(
                 connection_file=request.connection_file,
                 write_connection_file=False,
                 kernel_id=request.kernel_id,
                 kernel_name=request.kernel_name,
                 settings=self._config.server_settings(),
             )
+        except (InvalidConnectionFile, ValueError) as error:
+            raise KernelFailed(str(error)) from None
+
+    async def launch(self, request: KernelRequest) -> KernelServer:
+        server = self.prepare(request)
+        try:
             await server.start(launch_kernel=False)
-        except (InvalidConnectionFile, KernelStartError) as error:
+        except KernelStartError as error:
             raise KernelFailed(str(error)) from None
         return server

@@ -15,7 +15,7 @@ from jupyverse_api.kernels import Kernels, KernelsConfig
 
 from .config import KernelsPluginConfig
 from .kernel_server.server import kernels
-from .launchers import LocalLauncher
+from .launchers import ConnectionFileLauncher, LocalLauncher
 from .registry import Registry
 from .routes import _Kernels
 
@@ -40,11 +40,27 @@ class KernelsComponent(Component):
             yjs = await ctx.request_resource(Yjs)  # type: ignore[type-abstract]
 
         registry = Registry(config, kernels, LocalLauncher(config), root_dir=Path.cwd())
-        router = _Kernels(app, config, auth, frontend_config, registry, yjs)
+        execution = None
+        if yjs is not None:
+            from .execution import ServerSideExecution
+
+            execution = ServerSideExecution(registry, yjs, ready_timeout=config.startup_timeout)
+        router = _Kernels(app, config, auth, frontend_config, registry, yjs, execution)
         ctx.add_resource(router, types=Kernels)
         registry.start()
+        external = None
+        if config.allow_external_kernels:
+            from .external import ExternalKernels, default_directory
+
+            folder = Path(config.external_connection_dir or default_directory())
+            external = ExternalKernels(folder, registry, ConnectionFileLauncher(config))
+            await external.start()
 
         yield
 
+        if external is not None:
+            await external.stop()
         await registry.stop(timeout=3 * config.shutdown_wait + 10)
+        if execution is not None:
+            await execution.close()
         logger.info("Kernels plugin stopped")

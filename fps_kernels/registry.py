@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import KernelsPluginConfig
 from .errors import Conflict, KernelFailed, KernelNotFound, SessionNotFound
+from .kernel_driver.control import request_shutdown
 from .kernel_driver.kernelspec import KernelSpec
 from .kernel_server.activity import isoformat_z, utc_now
 from .kernel_server.registry import KernelEntry, KernelRegistry
@@ -142,6 +143,21 @@ class Registry:
     async def shutdown_kernel(self, kernel_id: str, notice: str | None = None) -> None:
         """Shut a kernel down and forget it and its sessions; `notice` is told to clients."""
         entry = self.entry(kernel_id)
+        for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
+            del self.sessions[session.id]
+        self.kernels.pop(kernel_id, None)
+        self._owned.discard(kernel_id)
+        if not entry.server.owns_process:
+            # Not our process (an external kernel): ask it to stop, never signal it.
+            await request_shutdown(entry.server.connection_info, self.config.shutdown_wait)
+        await entry.server.stop(notice)
+
+    async def detach_kernel(self, kernel_id: str, notice: str) -> None:
+        """Stop serving a kernel that runs elsewhere, leaving it running: its sessions are
+        closed and its clients told `notice`."""
+        entry = self.kernels.get(kernel_id)
+        if entry is None:
+            return
         for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
             del self.sessions[session.id]
         self.kernels.pop(kernel_id, None)

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -30,8 +30,11 @@ from .errors import (
 )
 from .kernel_driver.kernelspec import KernelSpec
 from .kernel_server.activity import isoformat_z
-from .models import CreateSession, StartKernel, UpdateSession, parse_body
+from .models import CreateSession, ExecuteCell, StartKernel, UpdateSession, parse_body
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .execution import ServerSideExecution
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class _Kernels(Kernels):
         frontend_config: FrontendConfig,
         registry: Registry,
         yjs: Any = None,
+        execution: ServerSideExecution | None = None,
     ) -> None:
         self._auth = auth
         super().__init__(app=app, auth=auth)
@@ -97,6 +101,7 @@ class _Kernels(Kernels):
         self.frontend_config = frontend_config
         self.registry = registry
         self.yjs = yjs
+        self.execution = execution
         self._app = app
 
     @property
@@ -219,11 +224,22 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def execute_cell(self, request: Request, kernel_id: str, user: User) -> Response:
-        self.registry.entry(kernel_id)
-        raise Conflict("Server-side execution is not available in this version of fps_kernels")
+        if self.execution is None:
+            raise Conflict(
+                "Server-side execution needs the Yjs plugin: start jupyverse with "
+                "--set kernels.require_yjs=true"
+            )
+        body = parse_body(ExecuteCell, await read_json(request))
+        answer = await self.execution.execute(kernel_id, body.document_id, body.cell_id)
+        return JSONResponse(answer, status_code=202)
 
     async def watch_connection_files(self, path: Path) -> None:
-        raise NotImplementedError("external kernels are not available yet")
+        """Serve the external kernels whose connection files are in `path`, until cancelled."""
+        from .external import ExternalKernels
+        from .launchers import ConnectionFileLauncher
+
+        watcher = ExternalKernels(path, self.registry, ConnectionFileLauncher(self.config))
+        await watcher.run()
 
     # --- sessions ------------------------------------------------------------------------
 

@@ -5,11 +5,17 @@ Pure code: the reference server's rules, fed one iopub message at a time.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+logger = logging.getLogger(__name__)
+
 ExecutionState = Literal["starting", "idle", "busy", "restarting", "dead"]
+#: Called with the new state and its reason whenever the server sets the state itself.
+StateListener = Callable[[ExecutionState, str], None]
 _STATES = ("starting", "idle", "busy", "restarting", "dead")
 
 # Requests whose replies and statuses say nothing about a user's activity.
@@ -53,6 +59,7 @@ class KernelActivity:
     execution_state: ExecutionState = "starting"
     last_activity: datetime = field(default_factory=utc_now)
     reason: str = ""
+    listeners: list[StateListener] = field(default_factory=list, repr=False, compare=False)
 
     def observe(
         self, msg_type: str, parent_msg_type: str | None, status: str | None = None
@@ -77,3 +84,8 @@ class KernelActivity:
         self.execution_state = state
         self.reason = reason
         self.last_activity = utc_now()
+        for listener in list(self.listeners):
+            try:
+                listener(state, reason)
+            except Exception:
+                logger.exception("A listener of the kernel state failed")

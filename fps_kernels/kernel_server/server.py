@@ -22,6 +22,7 @@ from typing import Any, Literal
 import zmq
 import zmq.asyncio
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from zmq.utils.monitor import parse_monitor_message
 
 from ..kernel_driver.connection import (
     ConnectionInfo,
@@ -55,6 +56,7 @@ from .framing import (
 )
 from .messages import KernelMessage, server_message
 from .registry import KernelEntry, KernelRegistry
+from .transport import allow_large_messages
 
 __all__ = ["KernelServer", "KernelStartError", "KernelEntry", "KernelRegistry", "kernels"]
 
@@ -64,6 +66,7 @@ logger = logging.getLogger(__name__)
 kernels = KernelRegistry()
 
 CLIENT_CHANNELS = ("shell", "control", "stdin")
+_LINKED_CHANNELS = ("control", "stdin")
 _KERNEL_CHANNELS = ("iopub", "shell", "control", "stdin")
 _ROUTES_KEPT = 8192
 _INFO_RETRY = 0.5
@@ -79,10 +82,12 @@ class ServerSettings:
 
     startup_timeout: float = 60.0
     shutdown_wait: float = 3.0
-    max_client_queue_bytes: int = 256 * 1024 * 1024
+    max_client_queue_bytes: int = 32 * 1024 * 1024
     autorestart: bool = True
     restart_limit: int = 5
     stable_start_time: float = 10.0
+    offline_buffer_seconds: float = 120.0
+    max_message_bytes: int = 128 * 1024 * 1024
     transport_encryption: Literal["disabled", "auto", "required"] = "disabled"
 
 
@@ -137,9 +142,10 @@ class KernelServer:
         self._supervisor: asyncio.Task[None] | None = None
         self._unstable_deaths = 0  # deaths right after a start, in a row
         self._ready_at = 0.0
-        self._did_work = False  # answered a client's execute_request since its last start
+        self._did_work = False  # ran a cell to its end since its last start
         self._running_cell: dict[str, Any] = {}  # header of the execute_request being run
         self._iopub_seen = asyncio.Event()
+        self._linked = {channel: asyncio.Event() for channel in _LINKED_CHANNELS}
         # Clear while the kernel (re)starts: client messages wait, or the kernel would run
         # them before our iopub socket is connected to it, and their output would be lost.
         self._accepting = asyncio.Event()
@@ -165,7 +171,7 @@ class KernelServer:
 
     @property
     def connections(self) -> int:
-        return len(self._clients)
+        return sum(1 for client in self._clients.values() if client.online)
 
     @property
     def last_activity(self) -> dict[str, str]:
@@ -186,6 +192,10 @@ class KernelServer:
     @property
     def process(self) -> KernelProcess | None:
         return self._process
+
+    async def wait_accepting(self) -> None:
+        """Return once the kernel takes requests: at once, unless it is (re)starting."""
+        await self._accepting.wait()
 
     def block_messages(self, message_types: Iterable[str] | str = ()) -> None:
         self.allowed_messages = None
@@ -399,6 +409,13 @@ class KernelServer:
                 self._own_requests.pop(msg_id, None)
             if exited is not None and not exited.done():
                 exited.cancel()
+        for channel, linked in self._linked.items():
+            try:
+                await asyncio.wait_for(linked.wait(), max(deadline - loop.time(), 0.1))
+            except asyncio.TimeoutError:
+                raise KernelStartError(
+                    f"Kernel {self.kernel_name!r} did not accept a connection on {channel}"
+                ) from None
         self.kernel_info = replied.result().content()
         self._ready_at = loop.time()
         self._accepting.set()
@@ -518,10 +535,29 @@ class KernelServer:
                 sock.curve_secretkey = info.curve_secretkey.encode()  # type: ignore[union-attr]
                 sock.curve_publickey = info.curve_publickey.encode()  # type: ignore[union-attr]
                 sock.curve_serverkey = info.curve_publickey.encode()  # type: ignore[union-attr]
+            if channel in _LINKED_CHANNELS:
+                monitor = sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                )
+                self._spawn(self._watch_link(channel, monitor))
             sock.connect(info.url(channel))
             self._sockets[channel] = sock
         for channel in _KERNEL_CHANNELS:
             self._spawn(self._read(channel))
+
+    async def _watch_link(self, channel: str, monitor: zmq.asyncio.Socket) -> None:
+        """Know when a DEALER is really connected: a kernel's ROUTER silently drops what it
+        sends to an identity not connected yet (an input_request on stdin, for one)."""
+        linked = self._linked[channel]
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    linked.set()
+                else:
+                    linked.clear()
+        finally:
+            monitor.close(linger=0)
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
@@ -569,8 +605,6 @@ class KernelServer:
             if not own.done():
                 own.set_result(message)
             return
-        if channel == "shell" and message.msg_type == "execute_reply":
-            self._did_work = True
         if channel == "stdin":
             session_id = self._routes.get(parent_id)
         else:
@@ -589,6 +623,8 @@ class KernelServer:
             if message.parent_msg_type == "execute_request":
                 # Remembered so that a notice about the kernel's death lands in that cell.
                 self._running_cell = message.parent_header if state == "busy" else {}
+                # A cell ran to its end (whoever asked): the kernel is past its start.
+                self._did_work = self._did_work or state == "idle"
         elif self.activity.execution_state == "busy":
             # Cheap path for floods of output while busy: no need to read the parent.
             self.activity.observe(msg_type, None)
@@ -642,38 +678,71 @@ class KernelServer:
         """Accept `websocket` and bridge it to the kernel until either side goes away."""
         offered = websocket.scope.get("subprotocols") or []
         protocol: Protocol = "v1" if V1_SUBPROTOCOL in offered else "legacy"
-        await websocket.accept(subprotocol=V1_SUBPROTOCOL if protocol == "v1" else None)
-        client = ClientConnection(
-            websocket, session_id, protocol, self.settings.max_client_queue_bytes, self._session
-        )
-        stale = self._clients.get(session_id)
-        self._clients[session_id] = client
-        if stale is not None:
+        client = self._clients.get(session_id)
+        if client is None:
+            client = ClientConnection(
+                session_id, self.settings.max_client_queue_bytes, self._session
+            )
+            self._clients[session_id] = client
+        elif client.online:
             logger.info("Kernel %s: replacing stale connection %s", self.kernel_id, session_id)
-            await stale.close(1000, "Replaced by a newer connection with the same session_id")
-        writer = self._spawn(client.run())
+            await client.replace(1000, "Replaced by a newer connection with the same session_id")
+        elif client.queued_bytes:
+            logger.info(
+                "Kernel %s: client %s is back, replaying %d bytes it missed",
+                self.kernel_id,
+                session_id,
+                client.queued_bytes,
+            )
+        await websocket.accept(subprotocol=V1_SUBPROTOCOL if protocol == "v1" else None)
+        allow_large_messages(websocket, self.settings.max_message_bytes)
+        client.attach(websocket, protocol)
+        writer = self._spawn(client.run(websocket))
         logger.info(
             "Kernel %s: client %s connected (%s protocol)", self.kernel_id, session_id, protocol
         )
         try:
-            await self._receive_from(client)
+            await self._receive_from(websocket, client, protocol)
         finally:
-            if self._clients.get(session_id) is client:
-                del self._clients[session_id]
+            client.detach(websocket)
             writer.cancel()
+            if not client.online and self._clients.get(session_id) is client:
+                client.expiry = asyncio.get_running_loop().call_later(
+                    self.settings.offline_buffer_seconds, self._forget, client
+                )
             logger.info("Kernel %s: client %s disconnected", self.kernel_id, session_id)
 
-    async def _receive_from(self, client: ClientConnection) -> None:
-        websocket = client.websocket
-        while not client.closed:
+    def _forget(self, client: ClientConnection) -> None:
+        """Drop the mailbox of a client that did not come back in time."""
+        if self._clients.get(client.session_id) is client and not client.online:
+            del self._clients[client.session_id]
+            if client.queued_bytes:
+                logger.info(
+                    "Kernel %s: discarded %d bytes buffered for client %s, which did not return",
+                    self.kernel_id,
+                    client.queued_bytes,
+                    client.session_id,
+                )
+
+    async def _receive_from(
+        self, websocket: WebSocket, client: ClientConnection, protocol: Protocol
+    ) -> None:
+        while client.websocket is websocket:
             try:
                 event = await websocket.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
             if event["type"] == "websocket.disconnect":
+                if event.get("code") == 1009:
+                    logger.warning(
+                        "Kernel %s: client %s sent a message over %d bytes (max_message_bytes)",
+                        self.kernel_id,
+                        client.session_id,
+                        self.settings.max_message_bytes,
+                    )
                 return
             try:
-                message = self._decode(client.protocol, event)
+                message = self._decode(protocol, event)
             except FrameError as error:
                 logger.warning(
                     "Kernel %s: ignored a malformed frame from client %s: %s",
