@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -198,3 +199,35 @@ async def test_too_large_a_message_closes_with_1009(small_buffer_server: Jupyver
         await bystander.close()
         await http.delete(f"/api/kernels/{kernel_id}")
     assert "sent a message over 1048576 bytes (max_message_bytes)" in srv.read_log()
+
+
+async def test_large_messages_are_not_compressed(server: JupyverseServer, kernel: str) -> None:
+    """With permessage-deflate offered (as browsers do), a large binary message is sent as it
+    is, a small one compressed: checked on the wire, on the frames' RSV1 bit."""
+    client = await KernelClient.connect(server.ws_url, kernel, compression="deflate")
+    conn = client.ws.protocol
+
+    try:
+        await client.run(ECHO_TARGET)
+        extensions = [type(e).__name__ for e in conn.extensions]
+        assert extensions == ["PerMessageDeflate"]
+        comm_id = uuid.uuid4().hex
+        await client.request("comm_open", {"comm_id": comm_id, "target_name": "echo", "data": {}})
+        payload = uuid.uuid4().bytes * (256 * 1024)  # 4 MiB, compressible on purpose
+        msg = make_msg("comm_msg", {"comm_id": comm_id, "data": {}}, client.session_id)
+        decoder = conn.extensions[0]
+        calls: list[bool] = []
+        decode = decoder.decode
+
+        def spy(frame: Any, *, max_size: int | None = None) -> Any:
+            calls.append(frame.rsv1)
+            return decode(frame, max_size=max_size)
+
+        decoder.decode = spy
+        await client.send(msg, [payload])
+        echo = (await client.until(lambda m: m.msg_type == "comm_msg", timeout=60))[-1]
+        assert bytes(echo.buffers[0]) == payload
+        # the 4 MiB echo came uncompressed; small messages (status, ...) compressed
+        assert False in calls and True in calls
+    finally:
+        await client.close()

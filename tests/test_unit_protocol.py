@@ -192,3 +192,10 @@ def test_bodies_name_the_field() -> None:
     assert parse_body(
         StartKernel, {"kernel_id": "6F9619FF-8B86-D011-B42D-00C04FC964FF"}
     ).kernel_id == ("6f9619ff-8b86-d011-b42d-00c04fc964ff")
+
+
+def test_v1_buffers_are_views_of_the_frame() -> None:
+    frame = encode_v1("shell", PARTS, [b"x" * 1000])
+    message = decode_v1(frame)
+    assert isinstance(message.buffers[0], memoryview)
+    assert bytes(message.buffers[0]) == b"x" * 1000

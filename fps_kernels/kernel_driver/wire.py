@@ -52,7 +52,9 @@ def split_frames(frames: Sequence[bytes]) -> WireMessage:
     )
 
 
-def join_frames(parts: Sequence[bytes], buffers: Sequence[bytes], signer: Signer) -> list[bytes]:
+def join_frames(
+    parts: Sequence[bytes], buffers: Sequence[bytes | memoryview], signer: Signer
+) -> list[bytes | memoryview]:
     """The frames to send for a message (no identities: we only talk through DEALER sockets)."""
     return [DELIMITER, signer.sign(parts), *parts, *buffers]
 

@@ -27,7 +27,7 @@ class ClientMessage:
 
     channel: str
     parts: list[bytes]
-    buffers: list[bytes] = field(default_factory=list)
+    buffers: list[bytes | memoryview] = field(default_factory=list)
     header: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,8 +70,11 @@ def decode_v1(frame: bytes) -> ClientMessage:
         channel = bytes(view[offsets[0] : offsets[1]]).decode()
     except UnicodeDecodeError:
         raise FrameError("v1 channel is not UTF-8") from None
-    pieces = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, count - 1)]
-    parts, buffers = pieces[:4], pieces[4:]
+    parts = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, 5)]
+    # Buffers stay views of the frame: ZMQ sends them without another copy.
+    buffers: list[bytes | memoryview] = [
+        view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)
+    ]
     return ClientMessage(channel=channel, parts=parts, buffers=buffers, header=_header(parts[0]))
 
 
@@ -137,11 +140,12 @@ def decode_legacy_binary(frame: bytes) -> ClientMessage:
         message = json.loads(frame[offsets[0] : offsets[1]])
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FrameError(f"invalid JSON: {error}") from None
-    buffers = [frame[offsets[i] : offsets[i + 1]] for i in range(1, nbufs)]
+    view = memoryview(frame)
+    buffers: list[bytes | memoryview] = [view[offsets[i] : offsets[i + 1]] for i in range(1, nbufs)]
     return _from_legacy_dict(message, buffers)
 
 
-def _from_legacy_dict(message: Any, buffers: list[bytes]) -> ClientMessage:
+def _from_legacy_dict(message: Any, buffers: list[bytes | memoryview]) -> ClientMessage:
     if not isinstance(message, dict):
         raise FrameError("a message must be a JSON object")
     header = message.get("header")

@@ -14,7 +14,7 @@ import os
 import signal
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +56,7 @@ from .framing import (
 )
 from .messages import KernelMessage, server_message
 from .registry import KernelEntry, KernelRegistry
-from .transport import allow_large_messages
+from .transport import allow_large_messages, compress_small_messages_only
 
 __all__ = ["KernelServer", "KernelStartError", "KernelEntry", "KernelRegistry", "kernels"]
 
@@ -70,6 +70,8 @@ _LINKED_CHANNELS = ("control", "stdin")
 _KERNEL_CHANNELS = ("iopub", "shell", "control", "stdin")
 _ROUTES_KEPT = 8192
 _INFO_RETRY = 0.5
+# Larger messages go uncompressed even when the client offered permessage-deflate.
+_COMPRESS_UP_TO = 1024 * 1024
 
 
 class KernelStartError(RuntimeError):
@@ -525,6 +527,10 @@ class KernelServer:
         for channel in _KERNEL_CHANNELS:
             sock = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # The kernel binds its ports after we connect: retry fast, so that a (re)started
+            # kernel is reached within milliseconds, not ZMQ's default 100 ms.
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 50)
             if channel == "iopub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
                 # We read iopub as fast as it comes; never let ZMQ drop silently.
@@ -649,7 +655,9 @@ class KernelServer:
         sent.add_done_callback(_log_send_failure)
         return msg_id
 
-    def send_to_kernel(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> Any:
+    def send_to_kernel(
+        self, channel: str, parts: list[bytes], buffers: Sequence[bytes | memoryview]
+    ) -> Any:
         """Sign and send a message's parts; returns the awaitable of the ZMQ send."""
         return self._sockets[channel].send_multipart(
             join_frames(parts, buffers, self._signer), copy=False
@@ -696,6 +704,7 @@ class KernelServer:
             )
         await websocket.accept(subprotocol=V1_SUBPROTOCOL if protocol == "v1" else None)
         allow_large_messages(websocket, self.settings.max_message_bytes)
+        compress_small_messages_only(websocket, _COMPRESS_UP_TO)
         client.attach(websocket, protocol)
         writer = self._spawn(client.run(websocket))
         logger.info(

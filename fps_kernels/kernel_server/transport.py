@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from starlette.websockets import WebSocket
+from websockets.frames import Opcode
 
 logger = logging.getLogger(__name__)
 
@@ -28,3 +30,46 @@ def allow_large_messages(websocket: WebSocket, max_bytes: int) -> bool:
                 return True
     logger.debug("Cannot raise the WebSocket message size limit of %r", protocol)
     return False
+
+
+class _SmallMessagesOnly:
+    """Wraps a permessage-deflate extension so that only small messages are compressed.
+
+    Compressing a large binary buffer (an image, an array) costs far more than sending it
+    (zlib runs at tens of MiB/s on incompressible bytes), while small JSON messages are where
+    compression pays. A message sent uncompressed (RSV1 unset) is allowed by RFC 7692 and
+    leaves the compression context untouched; incoming messages are decoded as before.
+    """
+
+    def __init__(self, inner: Any, threshold: int) -> None:
+        self._inner = inner
+        self._threshold = threshold
+
+    def encode(self, frame: Any) -> Any:
+        if frame.fin and len(frame.data) > self._threshold and not frame.rsv1:
+            # A whole data message (uvicorn never fragments): send it as it is.
+            if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                return frame
+        return self._inner.encode(frame)
+
+    def decode(self, frame: Any, *, max_size: int | None = None) -> Any:
+        return self._inner.decode(frame, max_size=max_size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def compress_small_messages_only(websocket: WebSocket, threshold: int) -> bool:
+    """Keep permessage-deflate (when the client offered it) for messages up to `threshold`."""
+    protocol = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    conn = getattr(protocol, "conn", None)
+    extensions = getattr(conn, "extensions", None)
+    if not isinstance(extensions, list):
+        return False
+    conn.extensions = [  # type: ignore[union-attr]
+        _SmallMessagesOnly(ext, threshold)
+        if getattr(ext, "name", "") == "permessage-deflate"
+        else ext
+        for ext in extensions
+    ]
+    return True
