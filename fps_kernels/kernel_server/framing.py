@@ -56,13 +56,7 @@ def decode_v1(frame: bytes) -> ClientMessage:
     if count < 6 or 8 * (count + 1) > size:
         raise FrameError(f"v1 frame has an impossible offset count {count}")
     offsets = struct.unpack_from(f"<{count}Q", frame, 8)
-    previous = 8 * (count + 1)
-    if offsets[0] < previous:
-        raise FrameError("v1 offsets point into the offset table")
-    for offset in offsets:
-        if offset < previous or offset > size:
-            raise FrameError("v1 offsets are not increasing within the frame")
-        previous = offset
+    _check_offsets(offsets, 8 * (count + 1), size, "v1")
     if offsets[-1] != size:
         raise FrameError("v1 offsets do not end at the end of the frame")
     view = memoryview(frame)
@@ -131,11 +125,7 @@ def decode_legacy_binary(frame: bytes) -> ClientMessage:
     if nbufs < 1 or 4 * (nbufs + 1) > size:
         raise FrameError(f"legacy binary frame has an impossible buffer count {nbufs}")
     offsets = list(struct.unpack_from(f">{nbufs}I", frame, 4)) + [size]
-    previous = 4 * (nbufs + 1)
-    for offset in offsets:
-        if offset < previous or offset > size:
-            raise FrameError("legacy binary offsets are not increasing within the frame")
-        previous = offset
+    _check_offsets(offsets, 4 * (nbufs + 1), size, "legacy binary")
     try:
         message = json.loads(frame[offsets[0] : offsets[1]])
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -143,6 +133,15 @@ def decode_legacy_binary(frame: bytes) -> ClientMessage:
     view = memoryview(frame)
     buffers: list[bytes | memoryview] = [view[offsets[i] : offsets[i + 1]] for i in range(1, nbufs)]
     return _from_legacy_dict(message, buffers)
+
+
+def _check_offsets(offsets: Sequence[int], table_end: int, size: int, what: str) -> None:
+    """Offsets that start after the table, never go back, and stay within the frame."""
+    previous = table_end
+    for offset in offsets:
+        if offset < previous or offset > size:
+            raise FrameError(f"{what} offsets are not increasing within the frame")
+        previous = offset
 
 
 def _from_legacy_dict(message: Any, buffers: list[bytes | memoryview]) -> ClientMessage:
