@@ -16,7 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    lint = _run("ruff", "check", "fps_kernels", "tests")
+    lint = _run("ruff", "check", "fps_kernels", "tests", "bench")
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = _run("ruff", "format", "--check", "fps_kernels")
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
