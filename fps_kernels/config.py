@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from jupyverse_api.kernels import KernelsConfig
 from pydantic import Field
 
+from .gateway.config import GatewayConfig
 from .kernel_server.server import ServerSettings
 
 
@@ -84,6 +85,21 @@ class KernelsPluginConfig(KernelsConfig):
         default="disabled",
         description="CurveZMQ between the server and its kernels: 'auto' for kernelspecs "
         "whose metadata.supported_encryption lists 'curve', 'required' refuses the others.",
+    )
+
+    providers: list[str] = Field(
+        default_factory=lambda: ["spec", "external", "gateway", "*"],
+        description="The kernel providers on, in order of precedence for kernel type names: "
+        "'spec', 'pyimport', 'external' (with allow_external_kernels), 'gateway' (with "
+        "gateway.url), third-party ones by name, '*' for every installed third-party one.",
+    )
+    provider_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options of third-party providers, by provider name.",
+    )
+    gateway: GatewayConfig = Field(
+        default_factory=GatewayConfig,
+        description="The gateway provider's options (kernels.gateway.NAME).",
     )
 
     def server_settings(self) -> ServerSettings:

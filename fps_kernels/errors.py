@@ -61,3 +61,15 @@ class CellNotFound(NotFound):
     def __init__(self, document_id: str, cell_id: str) -> None:
         super().__init__(f"Cell not found: {cell_id} (in document {document_id})")
         self.cell_id = cell_id
+
+
+class GatewayError(KernelsError):
+    """A kernel gateway that answered with an error (its message is kept)."""
+
+
+class GatewayUnavailable(GatewayError):
+    """A kernel gateway that cannot be reached."""
+
+
+class GatewayTimeout(GatewayError):
+    """A kernel gateway that did not answer in time."""

@@ -89,6 +89,11 @@ class ServerSideExecution:
     async def execute(self, kernel_id: str, document_id: str, cell_id: str) -> dict[str, str]:
         """Queue the cell on the kernel; NotFound or Conflict when it cannot be."""
         entry = self._registry.entry(kernel_id)
+        if not isinstance(entry.server, KernelServer):
+            raise Conflict(
+                f"Kernel {kernel_id} does not run on this server ({entry.name}): server-side "
+                "execution needs a local kernel"
+            )
         cells = self._notebook_cells(document_id)
         ycell = find_cell(cells, cell_id)
         if ycell is None:

@@ -24,7 +24,7 @@ from .kernel_driver.signing import Signer
 from .kernel_server.registry import KernelEntry
 from .kernel_server.server import KernelStartError
 from .launchers import ConnectionFileLauncher, KernelRequest
-from .registry import Registry
+from .providers.base import KernelHost
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ExternalKernels:
     def __init__(
         self,
         directory: Path,
-        registry: Registry,
+        registry: KernelHost,
         launcher: ConnectionFileLauncher,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:

@@ -19,6 +19,8 @@ class KernelRequest:
     cwd: str = ""
     session_name: str | None = None
     connection_file: str = ""
+    #: The jupyverse user asking (empty without authentication).
+    username: str = ""
 
 
 class KernelLauncher(ABC):
@@ -46,6 +48,10 @@ class LocalLauncher(KernelLauncher):
         spec = self.kernelspecs().get(request.kernel_name.lower())
         if spec is None:
             raise KernelspecNotFound(request.kernel_name)
+        return await self.launch_spec(spec, request)
+
+    async def launch_spec(self, spec: KernelSpec, request: KernelRequest) -> KernelServer:
+        """Start a kernel of `spec` as a local subprocess."""
         try:
             server = KernelServer(
                 kernelspec=spec,

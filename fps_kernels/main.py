@@ -15,7 +15,7 @@ from jupyverse_api.kernels import Kernels, KernelsConfig
 
 from .config import KernelsPluginConfig
 from .kernel_server.server import kernels
-from .launchers import ConnectionFileLauncher, LocalLauncher
+from .providers import load_providers
 from .registry import Registry
 from .routes import _Kernels
 
@@ -39,7 +39,8 @@ class KernelsComponent(Component):
 
             yjs = await ctx.request_resource(Yjs)  # type: ignore[type-abstract]
 
-        registry = Registry(config, kernels, LocalLauncher(config), root_dir=Path.cwd())
+        registry = Registry(config, kernels, root_dir=Path.cwd())
+        registry.providers = load_providers(config, registry, registry.root_dir)
         execution = None
         if yjs is not None:
             from .execution import ServerSideExecution
@@ -48,18 +49,10 @@ class KernelsComponent(Component):
         router = _Kernels(app, config, auth, frontend_config, registry, yjs, execution)
         ctx.add_resource(router, types=Kernels)
         registry.start()
-        external = None
-        if config.allow_external_kernels:
-            from .external import ExternalKernels, default_directory
-
-            folder = Path(config.external_connection_dir or default_directory())
-            external = ExternalKernels(folder, registry, ConnectionFileLauncher(config))
-            await external.start()
+        await registry.start_providers()
 
         yield
 
-        if external is not None:
-            await external.stop()
         await registry.stop(timeout=3 * config.shutdown_wait + 10)
         if execution is not None:
             await execution.close()

@@ -21,16 +21,18 @@ from .config import KernelsPluginConfig
 from .errors import (
     BadRequest,
     Conflict,
+    GatewayError,
+    GatewayTimeout,
+    GatewayUnavailable,
     InvalidField,
     KernelFailed,
     KernelNotFound,
     KernelsError,
-    KernelspecNotFound,
     NotFound,
 )
-from .kernel_driver.kernelspec import KernelSpec
 from .kernel_server.activity import isoformat_z
 from .models import CreateSession, ExecuteCell, StartKernel, UpdateSession, parse_body
+from .providers.base import KernelType
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ _STATUS_CODES: list[tuple[type[KernelsError], int]] = [
     (InvalidField, 422),
     (Conflict, 409),
     (KernelFailed, 500),
+    (GatewayUnavailable, 503),
+    (GatewayTimeout, 504),
+    (GatewayError, 502),
 ]
 # Close code for a WebSocket to a kernel that does not exist (4000 + HTTP 404).
 _WS_UNKNOWN_KERNEL = 4004
@@ -139,6 +144,7 @@ class _Kernels(Kernels):
     # --- status and kernelspecs ----------------------------------------------------------
 
     async def get_status(self, user: User) -> Response:
+        await self.registry.refresh()
         kernels = self.registry.kernel_models()
         last = max(
             [self._app.last_activity]
@@ -153,19 +159,16 @@ class _Kernels(Kernels):
             }
         )
 
-    def _spec_model(self, spec: KernelSpec, name: str | None = None) -> dict[str, Any]:
+    def _spec_model(self, spec: KernelType, name: str | None = None) -> dict[str, Any]:
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         resources = {
-            Path(file).stem: f"{base_url}kernelspecs/{spec.name}/{file}"
-            for file in spec.resource_files()
+            key: f"{base_url}kernelspecs/{spec.name}/{file}" for key, file in spec.resources.items()
         }
-        return {"name": name or spec.name, "spec": spec.to_dict(), "resources": resources}
+        return {"name": name or spec.name, "spec": spec.spec, "resources": resources}
 
     async def get_kernelspecs(self, user: User) -> Response:
-        specs = self.registry.kernelspecs()
-        default = self.config.default_kernel
-        if default not in specs and specs:
-            default = next(iter(specs))
+        specs = await self.registry.kernelspecs()
+        default = self.registry.default_kernel(list(specs))
         return JSONResponse(
             {
                 "default": default,
@@ -175,24 +178,22 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def get_kernelspec_model(self, kernel_name: str, user: User) -> Response:
-        spec = self.registry.kernelspecs().get(kernel_name.lower())
-        if spec is None:
-            raise KernelspecNotFound(kernel_name)
+        spec = await self.registry.kernelspec(kernel_name)
         return JSONResponse(self._spec_model(spec, kernel_name))
 
     @answers_errors
     async def get_kernelspec(self, kernel_name: str, file_name: str, user: User) -> Response:
-        spec = self.registry.kernelspecs().get(str(kernel_name).lower())
-        if spec is None:
-            raise KernelspecNotFound(kernel_name)
-        return FileResponse(_resource_path(spec, str(file_name)))
+        resource = await self.registry.kernelspec_resource(str(kernel_name), str(file_name))
+        if resource.path is not None:
+            return FileResponse(resource.path)
+        return Response(resource.content, media_type=resource.media_type)
 
     # --- kernels -------------------------------------------------------------------------
 
     @answers_errors
     async def start_kernel(self, request: Request, user: User) -> Response:
         body = parse_body(StartKernel, await read_json(request) or {})
-        kernel_id = await self.registry.start_kernel(body)
+        kernel_id = await self.registry.start_kernel(body, username=user.username)
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
             self.registry.kernel_model(kernel_id),
@@ -201,10 +202,13 @@ class _Kernels(Kernels):
         )
 
     async def get_kernels(self, user: User) -> Response:
+        await self.registry.refresh()
         return JSONResponse(self.registry.kernel_models())
 
     @answers_errors
     async def get_kernel(self, kernel_id: str, user: User) -> Response:
+        self.registry.entry(kernel_id)
+        await self.registry.refresh()
         return JSONResponse(self.registry.kernel_model(kernel_id))
 
     @answers_errors
@@ -214,7 +218,7 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def interrupt_kernel(self, kernel_id: str, user: User) -> Response:
-        self.registry.interrupt_kernel(kernel_id)
+        await self.registry.interrupt_kernel(kernel_id)
         return Response(status_code=204)
 
     @answers_errors
@@ -244,16 +248,19 @@ class _Kernels(Kernels):
     # --- sessions ------------------------------------------------------------------------
 
     async def get_sessions(self, user: User) -> Response:  # type: ignore[override]
+        await self.registry.refresh()
         return JSONResponse(self.registry.session_models())
 
     @answers_errors
     async def get_session(self, session_id: str, user: User) -> Response:
+        self.registry.session(session_id)
+        await self.registry.refresh()
         return JSONResponse(self.registry.session_model(self.registry.session(session_id)))
 
     @answers_errors
     async def create_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
         body = parse_body(CreateSession, await read_json(request))
-        record = await self.registry.create_session(body)
+        record = await self.registry.create_session(body, username=user.username)
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
             self.registry.session_model(record),
@@ -265,7 +272,7 @@ class _Kernels(Kernels):
     async def rename_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
         session_id = request.path_params["session_id"]
         body = parse_body(UpdateSession, await read_json(request))
-        record = await self.registry.update_session(session_id, body)
+        record = await self.registry.update_session(session_id, body, username=user.username)
         return JSONResponse(self.registry.session_model(record))
 
     @answers_errors
@@ -298,14 +305,3 @@ class _Kernels(Kernels):
             logger.info("Closed a WebSocket to an unknown kernel %s", kernel_id)
             return
         await entry.server.serve(websocket, session_id, permissions)
-
-
-def _resource_path(spec: KernelSpec, file_name: str) -> Path:
-    """A file of the kernelspec's own directory; anything else is NotFound."""
-    base = spec.resource_dir.resolve()
-    if not file_name or any(c in file_name for c in "/\\\0") or file_name in (".", ".."):
-        raise NotFound(f"No file {file_name!r} in kernelspec {spec.name}")
-    candidate = (base / file_name).resolve()
-    if candidate.parent != base or not candidate.is_file():
-        raise NotFound(f"No file {file_name!r} in kernelspec {spec.name}")
-    return candidate

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,9 +78,11 @@ def bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def server_command(kind: str, port: int, root: Path) -> list[str]:
+def server_command(kind: str, port: int, root: Path, options: Sequence[str] = ()) -> list[str]:
     if kind == "jupyverse":
-        return [str(bin_dir() / "jupyverse"), "--port", str(port), "--host", "127.0.0.1"]
+        command = [str(bin_dir() / "jupyverse"), "--port", str(port), "--host", "127.0.0.1"]
+        # `options`: jupyverse --set values, e.g. "kernels.gateway.url=http://…"
+        return command + [arg for option in options for arg in ("--set", option)]
     command = [
         str(bin_dir() / "jupyter-lab"),
         "--no-browser",
@@ -180,14 +182,17 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=SERVER_STOP_TIMEOUT)
 
 
-def run_server(tmp_dir: Path) -> Iterator[Server]:
-    """Start the selected server in ``tmp_dir/root``; yield it; stop it."""
+def run_server(tmp_dir: Path, options: Sequence[str] = ()) -> Iterator[Server]:
+    """Start the selected server in ``tmp_dir/root``; yield it; stop it.
+
+    ``options`` are jupyverse ``--set`` values (jupyverse only).
+    """
     kind = server_kind()
     root = tmp_dir / "root"
     root.mkdir()
     log_path = tmp_dir / "server.log"
     port = free_port()
-    command = server_command(kind, port, root)
+    command = server_command(kind, port, root, options)
     if not Path(command[0]).is_file():
         pytest.fail(f"server executable not found: {command[0]}")
     with log_path.open("wb") as log:

@@ -165,6 +165,15 @@ class JupyverseServer:
         self.process = None
         return code
 
+    def server_tracebacks(self) -> list[str]:
+        """Traceback lines logged by the server itself (not kernels' own output, which the
+        server passes on to its log as `[kernel …]` lines)."""
+        return [
+            line
+            for line in self.read_log().splitlines()
+            if "Traceback" in line and "fps_kernels.kernel_driver.process] [kernel " not in line
+        ]
+
     def read_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import (
     BrowserContext,
@@ -32,8 +33,10 @@ from playwright.sync_api import Error as PlaywrightError
 
 from . import browser_support
 from .browser_support import Server
+from .gateway_support import KernelGateway
 
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
+GATEWAY_DISPLAY_NAME = "Python 3 (ipykernel) (gateway)"
 KERNEL_START_TIMEOUT = 60_000  # ms; the first kernel start includes imports
 OUTPUT_TIMEOUT = 20_000  # ms
 UI_TIMEOUT = 15_000  # ms
@@ -139,6 +142,31 @@ def lab_server(chromium_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
+def kernel_gateway(
+    chromium_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KernelGateway]:
+    if browser_support.server_kind() != "jupyverse":
+        pytest.skip("kernel gateway next to local kernels: a jupyverse feature")
+    gateway = KernelGateway(tmp_path_factory.mktemp("lab-kernel-gateway"))
+    gateway.start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_lab_server(
+    kernel_gateway: KernelGateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    # Its kernels next to the local ones ("merged" mode), as `gw-…` kernelspecs.
+    options = [
+        "kernels.providers=[spec,gateway]",
+        f"kernels.gateway.url={kernel_gateway.url}",
+        f"kernels.gateway.auth_token={kernel_gateway.token}",
+    ]
+    yield from browser_support.run_server(tmp_path_factory.mktemp("gateway-lab"), options)
+
+
+@pytest.fixture(scope="module")
 def browser_context(
     chromium_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrowserContext]:
@@ -157,18 +185,29 @@ def browser_context(
             context.close()
 
 
-@pytest.fixture
-def session(
-    browser_context: BrowserContext, lab_server: Server, tmp_path: Path
-) -> Iterator[Session]:
-    page = browser_context.new_page()
+def _session(context: BrowserContext, server: Server, out_dir: Path) -> Iterator[Session]:
+    page = context.new_page()
     page.set_default_timeout(UI_TIMEOUT)
     log = BrowserLog()
     log.attach(page)
     try:
-        yield Session(page, lab_server, log, tmp_path)
+        yield Session(page, server, log, out_dir)
     finally:
         page.close()
+
+
+@pytest.fixture
+def session(
+    browser_context: BrowserContext, lab_server: Server, tmp_path: Path
+) -> Iterator[Session]:
+    yield from _session(browser_context, lab_server, tmp_path)
+
+
+@pytest.fixture
+def gateway_session(
+    browser_context: BrowserContext, gateway_lab_server: Server, tmp_path: Path
+) -> Iterator[Session]:
+    yield from _session(browser_context, gateway_lab_server, tmp_path)
 
 
 # ------------------------------------------------------------ user actions
@@ -180,18 +219,26 @@ def open_lab(s: Session) -> None:
     expect(notebook_launcher_card(s.page)).to_be_visible(timeout=KERNEL_START_TIMEOUT)
 
 
-def notebook_launcher_card(page: Page) -> Locator:
-    return page.locator(
-        f'.jp-LauncherCard[data-category="Notebook"][title="{KERNEL_DISPLAY_NAME}"]'
-    )
+def notebook_launcher_card(page: Page, display_name: str = KERNEL_DISPLAY_NAME) -> Locator:
+    return page.locator(f'.jp-LauncherCard[data-category="Notebook"][title="{display_name}"]')
 
 
-def create_notebook(s: Session) -> None:
-    notebook_launcher_card(s.page).click()
-    choose_kernel(s)
+def create_notebook(s: Session, display_name: str = KERNEL_DISPLAY_NAME) -> None:
+    notebook_launcher_card(s.page, display_name).click()
+    choose_kernel(s, display_name)
 
 
-def choose_kernel(s: Session) -> None:
+def open_launcher_from_file_menu(s: Session) -> None:
+    s.page.locator(".lm-MenuBar-item", has_text=re.compile(r"^File$")).click()
+    s.page.locator('.lm-Menu-item[data-command="launcher:create"]').click()
+
+
+def show_notebook(s: Session, name: str) -> None:
+    s.page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=name).click()
+    expect(s.page.locator(f"{NOTEBOOK} .jp-Notebook")).to_be_visible()
+
+
+def choose_kernel(s: Session, display_name: str = KERNEL_DISPLAY_NAME) -> None:
     """Wait for the notebook's kernel; answer the "Select Kernel" dialog if any.
 
     The launcher card names the kernel, so no dialog is expected there; File >
@@ -199,14 +246,14 @@ def choose_kernel(s: Session) -> None:
     """
     kernel_name = s.page.locator(f"{NOTEBOOK} .jp-KernelName")
     dialog = s.page.locator(".jp-Dialog")
-    either = kernel_name.filter(has_text=KERNEL_DISPLAY_NAME).or_(dialog).first
+    either = kernel_name.filter(has_text=display_name).or_(dialog).first
     expect(either).to_be_visible(timeout=KERNEL_START_TIMEOUT)
     if dialog.is_visible():
-        dialog.locator("select").select_option(label=KERNEL_DISPLAY_NAME)
+        dialog.locator("select").select_option(label=display_name)
         dialog.locator(".jp-Dialog-button.jp-mod-accept").click()  # "Select"
         expect(dialog).to_have_count(0)
     expect(s.page.locator(CODE_CELLS).first).to_be_visible()
-    expect(kernel_name).to_have_text(KERNEL_DISPLAY_NAME)
+    expect(kernel_name).to_have_text(display_name)
 
 
 def wait_kernel_idle(s: Session, timeout: float = KERNEL_START_TIMEOUT) -> None:
@@ -266,17 +313,10 @@ def restart_from_kernel_menu(s: Session) -> None:
 # -------------------------------------------------------------------- test
 
 
-@pytest.mark.browser
-def test_notebook_in_browser(request: pytest.FixtureRequest) -> None:
-    # Fixtures are requested here rather than as arguments so that a missing
-    # chromium or a server that does not start is a test FAILURE (call
-    # phase), not a setup error.
-    browser_support.require_chromium()
-    s: Session = request.getfixturevalue("session")
-    with s.step("open /lab"):
-        open_lab(s)
-    with s.step("create notebook from launcher"):
-        create_notebook(s)
+def notebook_steps(s: Session, display_name: str = KERNEL_DISPLAY_NAME) -> None:
+    """The user's steps on a new notebook, from the launcher card of `display_name`."""
+    with s.step(f"create notebook from launcher ({display_name})"):
+        create_notebook(s, display_name)
         wait_kernel_idle(s)
 
     with s.step("run print(6*7)"):
@@ -310,8 +350,56 @@ def test_notebook_in_browser(request: pytest.FixtureRequest) -> None:
         )
         expect_prompt(cell, "[2]:")
 
+
+def final_screenshot(s: Session) -> None:
     # Kept for a look at what the user saw, even when everything passed
     # (shown with pytest -rP or -s).
     final = s.out_dir / "notebook-final.png"
     s.page.screenshot(path=str(final), full_page=True)
     print(f"final screenshot: {final}\nbrowser console / network problems:\n{s.log.text()}")
+
+
+@pytest.mark.browser
+def test_notebook_in_browser(request: pytest.FixtureRequest) -> None:
+    # Fixtures are requested here rather than as arguments so that a missing
+    # chromium or a server that does not start is a test FAILURE (call
+    # phase), not a setup error.
+    browser_support.require_chromium()
+    s: Session = request.getfixturevalue("session")
+    with s.step("open /lab"):
+        open_lab(s)
+    notebook_steps(s)
+    final_screenshot(s)
+
+
+@pytest.mark.browser
+def test_gateway_notebook_next_to_a_local_one(request: pytest.FixtureRequest) -> None:
+    """The same steps on a kernel that lives in a Kernel Gateway, with a notebook on a local
+    kernel open in the same JupyterLab."""
+    browser_support.require_chromium()
+    s: Session = request.getfixturevalue("gateway_session")
+    gateway: KernelGateway = request.getfixturevalue("kernel_gateway")
+    with s.step("open /lab: local and gateway kernels"):
+        open_lab(s)
+        expect(notebook_launcher_card(s.page, GATEWAY_DISPLAY_NAME)).to_be_visible()
+    with s.step("local notebook"):
+        create_notebook(s)
+        wait_kernel_idle(s)
+        expect_output(run_cell(s, "print(6*7)"), re.compile(r"^\s*42\s*$"))
+    with s.step("open a launcher from the File menu"):
+        open_launcher_from_file_menu(s)
+        expect(notebook_launcher_card(s.page, GATEWAY_DISPLAY_NAME)).to_be_visible()
+    notebook_steps(s, GATEWAY_DISPLAY_NAME)
+    with s.step("the gateway notebook's kernel runs in the gateway"):
+        sessions = httpx.get(f"{s.server.base_url}/api/sessions", timeout=10).json()
+        kernels = {x["kernel"]["name"]: x["kernel"]["id"] for x in sessions}
+        assert set(kernels) == {"python3", "gw-python3"}, sessions
+        on_gateway = [k["id"] for k in gateway.kernels()]
+        assert kernels["gw-python3"] in on_gateway and kernels["python3"] not in on_gateway
+    with s.step("back to the local notebook"):
+        show_notebook(s, "Untitled.ipynb")
+        expect(s.page.locator(f"{NOTEBOOK} .jp-KernelName")).to_have_text(KERNEL_DISPLAY_NAME)
+        cell = run_cell(s, "print('still local')")
+        expect_output(cell, "still local")
+        expect_prompt(cell, "[2]:")
+    final_screenshot(s)

@@ -107,12 +107,12 @@ async def test_bounded_buffer_says_what_it_dropped(small_buffer_server: Jupyvers
         client = await KernelClient.connect(srv.ws_url, kernel_id, session_id=session_id)
         await client.run("from IPython.display import display")
         msg_id = await client.execute(
-            "import time; time.sleep(0.5)\n"
+            "import time; time.sleep(1.5)\n"  # the client is gone by then
             "for i in range(2000): display({'text/plain': 'x' * 500}, raw=True)\n"
             "print('done')"
         )
         await client.close()
-        await anyio.sleep(4)
+        await anyio.sleep(5)
         back = await KernelClient.connect(srv.ws_url, kernel_id, session_id=session_id)
         msgs = await back.until_idle(msg_id, timeout=30)
         notices = [
@@ -120,8 +120,9 @@ async def test_bounded_buffer_says_what_it_dropped(small_buffer_server: Jupyvers
             for m in msgs
             if m.msg_type == "stream" and "were dropped for this client" in m.content["text"]
         ]
-        assert len(notices) == 1
-        dropped = int(notices[0].content["text"].split("] ")[1].split()[0])
+        # one notice per gap (a second gap opens if the cell still runs while replaying)
+        assert notices
+        dropped = sum(int(n.content["text"].split("] ")[1].split()[0]) for n in notices)
         shown = [m for m in msgs if m.msg_type == "display_data" and m.parent_id == msg_id]
         ids = [m.header["msg_id"] for m in shown]
         assert len(ids) == len(set(ids))

@@ -21,3 +21,10 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:
     assert len(commands) == 2
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_every_gateway_option_is_in_its_table() -> None:
+    from fps_kernels.gateway.config import GatewayConfig
+
+    listed = set(re.findall(r"^\| `gateway\.(\w+)` \|", README, flags=re.MULTILINE))
+    assert listed == set(GatewayConfig.model_fields)

@@ -54,4 +54,4 @@ async def test_python_api_registry_and_clean_stop(tmp_path_factory: pytest.TempP
         srv.stop()
     assert kernel_processes(srv.runtime_dir) == []
     assert list(srv.runtime_dir.glob("kernel-*.json")) == []
-    assert "Traceback" not in srv.read_log()
+    assert srv.server_tracebacks() == []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..kernel_driver.connection import PortAllocator
 
 if TYPE_CHECKING:
-    from .server import KernelServer
+    from .base import ServedKernel
 
 _ENTRY_KEYS = ("server", "name", "driver")
 
@@ -23,7 +23,7 @@ _ENTRY_KEYS = ("server", "name", "driver")
 class KernelEntry:
     """A served kernel. Reads like upstream's dict entries too (`entry["server"]`)."""
 
-    server: KernelServer
+    server: ServedKernel  # a KernelServer, or a kernel of another provider (a gateway's)
     name: str = ""
     # The server-side executor writing into Y documents, created on first use.
     driver: Any = None

@@ -1,0 +1,554 @@
+"""GatewayKernel: a kernel that lives in a kernel gateway, served through this server.
+
+REST calls go to the gateway (interrupt, restart, DELETE) under the gateway's own kernel id.
+Each client WebSocket is bridged to a WebSocket of its own on the gateway, opened before the
+client's is accepted, with the subprotocol the client offered (v1, or none for the legacy
+protocol) so that frames pass unchanged both ways, text as text and binary as binary. Only
+iopub status messages are looked into, to show the kernel's state and activity.
+
+When the gateway drops a bridge's WebSocket (it restarted, the network failed), the bridge
+tells its client (a stderr line in the running cell) and reconnects with back-off; the
+client's socket stays open meanwhile, and what it sends waits. If the kernel is gone from the
+gateway, clients get `status: dead` and a normal close; after `retry_max` failed attempts,
+a close with 1011.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from ..errors import GatewayError, GatewayTimeout, KernelNotFound
+from ..kernel_driver.wire import make_header, new_session_id
+from ..kernel_server.activity import ExecutionState, KernelActivity, isoformat_z
+from ..kernel_server.client import Protocol
+from ..kernel_server.framing import V1_SUBPROTOCOL, encode_legacy_text, encode_v1
+from ..kernel_server.messages import server_message
+from ..kernel_server.transport import allow_large_messages
+from .client import GatewayClient, GatewayRefused
+from .config import GatewayConfig
+from .peek import Glance, peek
+
+if TYPE_CHECKING:
+    from ..kernel_driver.kernelspec import KernelSpec
+
+logger = logging.getLogger(__name__)
+
+_STATES: tuple[ExecutionState, ...] = ("starting", "idle", "busy", "restarting", "dead")
+#: Close code for a WebSocket to a kernel that is not there (4000 + HTTP 404).
+WS_KERNEL_GONE = 4004
+WS_GATEWAY_LOST = 1011
+#: Seconds a restart may take beyond launch_timeout.
+LAUNCH_PAD = 2.0
+_CLIENT_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
+
+GONE_NOTICE = (
+    "The kernel no longer exists on the kernel gateway (the gateway restarted, or shut it "
+    "down or culled it)."
+)
+
+
+def close_reason(text: str) -> str:
+    """A WebSocket close reason: at most 123 bytes of UTF-8."""
+    data = text.encode()
+    if len(data) <= 123:
+        return text
+    return data[:120].decode(errors="ignore") + "..."
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class GatewayKernel:
+    """One kernel of a gateway: satisfies `kernel_server.base.ServedKernel`."""
+
+    def __init__(
+        self,
+        kernel_id: str,
+        kernel_name: str,
+        remote_name: str,
+        client: GatewayClient,
+        config: GatewayConfig,
+        *,
+        max_message_bytes: int,
+        on_gone: Callable[[GatewayKernel, str], None],
+        on_closed: Callable[[GatewayKernel], None],
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.kernel_name = kernel_name
+        self.remote_name = remote_name
+        self.kernelspec: KernelSpec | None = None
+        self.activity = KernelActivity()
+        self.client = client
+        self.config = config
+        self.max_message_bytes = max_message_bytes
+        self.session = new_session_id()
+        #: The parent header of the cell running now (a notice about the gateway lands there).
+        self.running_cell: dict[str, Any] = {}
+        self._on_gone = on_gone
+        self._on_closed = on_closed
+        self._bridges: set[_Bridge] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._problem = ""  # the reason we set while the gateway cannot be reached
+
+    # --- what REST shows -------------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return len(self._bridges)
+
+    @property
+    def owns_process(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def execution_state(self) -> ExecutionState:
+        return self.activity.execution_state
+
+    @property
+    def last_activity(self) -> dict[str, str]:
+        return {
+            "date": isoformat_z(self.activity.last_activity),
+            "execution_state": self.activity.execution_state,
+        }
+
+    def update(self, model: dict[str, Any]) -> None:
+        """Take the state and activity of the gateway's kernel model. While clients are
+        connected, the state seen on their iopub is fresher than the gateway's: it stays."""
+        state = model.get("execution_state")
+        if state in _STATES and not self._bridges:
+            self.activity.execution_state = state
+        moment = parse_time(model.get("last_activity"))
+        if moment is not None and moment > self.activity.last_activity:
+            self.activity.last_activity = moment
+        self.gateway_reachable()
+
+    def gateway_unreachable(self, problem: str) -> None:
+        if not self.activity.reason or self.activity.reason == self._problem:
+            self._problem = problem
+            self.activity.reason = problem
+
+    def gateway_reachable(self) -> None:
+        if self._problem and self.activity.reason == self._problem:
+            self.activity.reason = ""
+        self._problem = ""
+
+    def observe(self, glance: Glance | None) -> None:
+        """Account for one frame the gateway sent a client."""
+        if glance is None or glance.channel != "iopub":
+            return
+        if glance.msg_type == "status":
+            self.activity.observe("status", glance.parent_msg_type, glance.state)
+            if glance.parent_msg_type == "execute_request":
+                self.running_cell = glance.parent_header if glance.state == "busy" else {}
+        else:
+            self.activity.observe(glance.msg_type, glance.parent_msg_type)
+
+    # --- REST calls to the gateway ---------------------------------------------------------
+
+    async def _call(self, method: str, action: str = "", timeout: float | None = None) -> Any:
+        path = f"/api/kernels/{self.kernel_id}{'/' + action if action else ''}"
+        try:
+            return await self.client.request(method, path, timeout=timeout)
+        except GatewayRefused as error:
+            if error.status == 404:
+                self.gone(GONE_NOTICE)
+                raise KernelNotFound(self.kernel_id) from None
+            raise
+
+    async def interrupt_remote(self) -> None:
+        await self._call("POST", "interrupt")
+
+    def interrupt(self) -> None:
+        task = asyncio.create_task(self.interrupt_remote())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("Gateway kernel %s: %s", self.kernel_id, task.exception())
+
+    async def restart(self) -> None:
+        """Restart it on the gateway; return once it answers kernel_info again."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.launch_timeout + LAUNCH_PAD
+        deadline = loop.time() + timeout
+        self.activity.set_state("restarting", self.activity.reason)
+        try:
+            response = await self._call("POST", "restart", timeout=timeout)
+            try:
+                model = response.json()
+            except ValueError:
+                model = {}
+            self.update(model if isinstance(model, dict) else {})
+            await asyncio.wait_for(self.wait_ready(), max(deadline - loop.time(), 0.1))
+        except asyncio.TimeoutError:
+            self.activity.execution_state = "idle"  # unknown: the gateway did not say
+            raise GatewayTimeout(
+                f"Kernel {self.kernel_id} did not answer within {timeout:g} s of its restart "
+                "on the kernel gateway (kernels.gateway.launch_timeout)"
+            ) from None
+        except GatewayError:
+            self.activity.execution_state = "idle"
+            raise
+
+    async def wait_ready(self) -> None:
+        """Return once the kernel answers kernel_info, through a WebSocket of our own (the
+        gateway, like jupyter_server, reports `starting` until a client talked to it)."""
+        session_id = f"fps-kernels-ready-{self.session}"
+        upstream = await self.client.open_channels(self.kernel_id, session_id, V1_SUBPROTOCOL)
+        try:
+            v1 = upstream.subprotocol == V1_SUBPROTOCOL
+            header = make_header("kernel_info_request", session_id)
+            parts = [json.dumps(p).encode() for p in (header, {}, {}, {})]
+            msg_id, msg_type = header["msg_id"], header["msg_type"]
+            await upstream.send(
+                encode_v1("shell", parts)
+                if v1
+                else encode_legacy_text("shell", parts, msg_id, msg_type)
+            )
+            while True:
+                frame = await upstream.recv()
+                glance = peek(frame, v1)
+                self.observe(glance)
+                if glance is not None and glance.channel == "shell":
+                    break
+        except ConnectionClosed as closed:
+            raise GatewayError(
+                f"The kernel gateway closed the kernel's WebSocket: {_describe_close(closed)}"
+            ) from None
+        finally:
+            await upstream.close()
+        if self.activity.execution_state in ("starting", "restarting"):
+            self.activity.execution_state = "idle"
+
+    async def shutdown_remote(self) -> None:
+        """DELETE the kernel on the gateway (gone already counts as done)."""
+        try:
+            await self.client.request("DELETE", f"/api/kernels/{self.kernel_id}")
+        except GatewayRefused as error:
+            if error.status != 404:
+                raise
+
+    def gone(self, notice: str) -> None:
+        """The gateway no longer has this kernel: have it forgotten."""
+        if not self._closed:
+            logger.info("Gateway kernel %s is gone", self.kernel_id)
+            self._on_gone(self, notice)
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    async def stop(self, notice: str | None = None) -> None:
+        """Stop serving the kernel (it keeps running on the gateway unless DELETEd first):
+        clients get `notice`, `status: dead` and a normal close."""
+        if self._closed:
+            return
+        self._closed = True
+        self.activity.set_state("dead", notice or self.activity.reason)
+        reason = close_reason(notice or "Kernel shut down")
+        await asyncio.gather(
+            *(bridge.shutdown(notice, 1000, reason) for bridge in list(self._bridges)),
+            return_exceptions=True,
+        )
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._on_closed(self)
+
+    # --- the kernel WebSocket --------------------------------------------------------------
+
+    async def serve(
+        self,
+        websocket: WebSocket,
+        session_id: str,
+        permissions: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Bridge `websocket` to a WebSocket of its own on the gateway."""
+        if self._closed:
+            await websocket.accept()
+            await websocket.close(WS_KERNEL_GONE, f"Kernel does not exist: {self.kernel_id}")
+            return
+        offered = websocket.scope.get("subprotocols") or []
+        wanted = V1_SUBPROTOCOL if V1_SUBPROTOCOL in offered else None
+        try:
+            upstream = await self.client.open_channels(self.kernel_id, session_id, wanted)
+        except GatewayError as error:
+            await self._refuse(websocket, error)
+            return
+        # The gateway chose; a gateway without v1 gives the legacy protocol to both legs.
+        subprotocol = upstream.subprotocol
+        try:
+            await websocket.accept(subprotocol=subprotocol)
+        except _CLIENT_ERRORS as error:
+            logger.debug("Client %s left before its WebSocket was accepted: %r", session_id, error)
+            await upstream.close()
+            return
+        except BaseException:
+            await upstream.close()
+            raise
+        allow_large_messages(websocket, self.max_message_bytes)
+        bridge = _Bridge(self, websocket, session_id, upstream, subprotocol)
+        self._bridges.add(bridge)
+        logger.info(
+            "Gateway kernel %s: client %s connected (%s protocol)",
+            self.kernel_id,
+            session_id,
+            bridge.protocol,
+        )
+        try:
+            await bridge.run()
+        finally:
+            self._bridges.discard(bridge)
+            await bridge.close_upstream()
+            logger.info("Gateway kernel %s: client %s disconnected", self.kernel_id, session_id)
+
+    async def _refuse(self, websocket: WebSocket, error: GatewayError) -> None:
+        """Tell a client why its WebSocket cannot be bridged (JupyterLab reads the reason)."""
+        gone = isinstance(error, GatewayRefused) and error.status == 404
+        if gone:
+            self.gone(GONE_NOTICE)
+        else:
+            logger.warning("Gateway kernel %s: no WebSocket: %s", self.kernel_id, error.message)
+        try:
+            await websocket.accept()
+            if gone:
+                await websocket.close(WS_KERNEL_GONE, close_reason(GONE_NOTICE))
+            else:
+                await websocket.close(WS_GATEWAY_LOST, close_reason(error.message))
+        except _CLIENT_ERRORS as problem:
+            logger.debug("Client left before being told: %r", problem)
+
+
+class _Bridge:
+    """One client WebSocket and its WebSocket on the gateway."""
+
+    def __init__(
+        self,
+        kernel: GatewayKernel,
+        websocket: WebSocket,
+        session_id: str,
+        upstream: ClientConnection,
+        subprotocol: str | None,
+    ) -> None:
+        self.kernel = kernel
+        self.websocket = websocket
+        self.session_id = session_id
+        self.subprotocol = subprotocol
+        self.protocol: Protocol = "v1" if subprotocol == V1_SUBPROTOCOL else "legacy"
+        self._upstream = upstream
+        self._ready = asyncio.Event()  # clear while reconnecting
+        self._ready.set()
+        self._send_lock = asyncio.Lock()
+        self._closing = False
+
+    async def run(self) -> None:
+        to_gateway = asyncio.create_task(self._client_to_gateway())
+        to_client = asyncio.create_task(self._gateway_to_client())
+        tasks = (to_gateway, to_client)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(result, Exception):
+                    logger.error("Gateway bridge failed", exc_info=result)
+
+    async def close_upstream(self) -> None:
+        await self._upstream.close()
+
+    # --- client → gateway ------------------------------------------------------------------
+
+    async def _client_to_gateway(self) -> None:
+        while True:
+            try:
+                event = await self.websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if event["type"] == "websocket.disconnect":
+                if event.get("code") == 1009:
+                    logger.warning(
+                        "Gateway kernel %s: client %s sent a message over %d bytes "
+                        "(max_message_bytes)",
+                        self.kernel.kernel_id,
+                        self.session_id,
+                        self.kernel.max_message_bytes,
+                    )
+                return
+            frame: bytes | str | None = event.get("bytes")
+            if frame is None:
+                frame = event.get("text")
+            if frame is not None:
+                await self._to_gateway(frame)
+
+    async def _to_gateway(self, frame: bytes | str) -> None:
+        while True:
+            await self._ready.wait()  # while reconnecting, what the client sends waits
+            upstream = self._upstream
+            try:
+                await upstream.send(frame)
+                return
+            except ConnectionClosed:
+                if self._upstream is upstream:
+                    self._ready.clear()  # the reader reconnects and sets it again
+                    await asyncio.sleep(0.05)
+
+    # --- gateway → client ------------------------------------------------------------------
+
+    async def _gateway_to_client(self) -> None:
+        while True:
+            upstream = self._upstream
+            try:
+                while True:
+                    frame = await upstream.recv()
+                    self.kernel.observe(peek(frame, self.protocol == "v1"))
+                    if not await self._send(frame):
+                        return
+            except ConnectionClosed as closed:
+                cause = _describe_close(closed)
+            if self._closing or self.kernel.closed:
+                return
+            if not await self._reconnect(cause):
+                return
+
+    async def _send(self, frame: bytes | str) -> bool:
+        """Send a frame to the client; False when the client is gone."""
+        try:
+            async with self._send_lock:
+                if isinstance(frame, str):
+                    await self.websocket.send_text(frame)
+                else:
+                    await self.websocket.send_bytes(frame)
+        except _CLIENT_ERRORS as error:
+            logger.debug("Stopped writing to client %s: %r", self.session_id, error)
+            return False
+        return True
+
+    async def _tell(self, text: str | None, state: ExecutionState | None = None) -> None:
+        """A stderr line (in the running cell) and/or a status, made by this server."""
+        messages = []
+        if text:
+            messages.append(
+                server_message(
+                    "iopub",
+                    "stream",
+                    {"name": "stderr", "text": f"[fps_kernels] {text}\n"},
+                    self.kernel.session,
+                    self.kernel.running_cell,
+                )
+            )
+        if state is not None:
+            messages.append(
+                server_message("iopub", "status", {"execution_state": state}, self.kernel.session)
+            )
+        for message in messages:
+            frame = message.v1_frame() if self.protocol == "v1" else message.legacy_frame()
+            await self._send(frame)
+
+    async def _reconnect(self, cause: str) -> bool:
+        """Reopen the gateway's WebSocket after a drop; False when the bridge is over."""
+        self._ready.clear()
+        kernel = self.kernel
+        config = kernel.config
+        logger.warning(
+            "Gateway kernel %s: lost the gateway's WebSocket for client %s (%s); reconnecting",
+            kernel.kernel_id,
+            self.session_id,
+            cause,
+        )
+        await self._tell(f"Lost the connection to the kernel gateway ({cause}); reconnecting.")
+        problem = cause
+        for attempt in range(config.retry_max):
+            delay = min(config.retry_interval * 2**attempt, config.retry_interval_max)
+            await asyncio.sleep(delay * (1 + 0.1 * random.random()))
+            if self._closing or kernel.closed:
+                return False
+            try:
+                upstream = await kernel.client.open_channels(
+                    kernel.kernel_id, self.session_id, self.subprotocol
+                )
+            except GatewayRefused as error:
+                if error.status == 404:
+                    kernel.gone(GONE_NOTICE)  # forgotten, its sessions closed
+                    await self.shutdown(GONE_NOTICE, 1000, close_reason(GONE_NOTICE))
+                    return False
+                problem = error.message
+            except GatewayError as error:
+                problem = error.message
+            else:
+                if upstream.subprotocol == self.subprotocol:
+                    self._upstream = upstream
+                    self._ready.set()
+                    logger.info(
+                        "Gateway kernel %s: reconnected client %s",
+                        kernel.kernel_id,
+                        self.session_id,
+                    )
+                    await self._tell("Reconnected to the kernel gateway.")
+                    return True
+                await upstream.close()
+                problem = f"the gateway chose the subprotocol {upstream.subprotocol!r}"
+            logger.info(
+                "Gateway kernel %s: reconnection %d/%d failed: %s",
+                kernel.kernel_id,
+                attempt + 1,
+                config.retry_max,
+                problem,
+            )
+        notice = (
+            f"Could not reconnect to the kernel gateway after {config.retry_max} attempts: "
+            f"{problem}"
+        )
+        logger.warning("Gateway kernel %s: %s", kernel.kernel_id, notice)
+        await self.shutdown(notice, WS_GATEWAY_LOST, close_reason(notice), state=None)
+        return False
+
+    async def shutdown(
+        self,
+        notice: str | None,
+        code: int,
+        reason: str,
+        state: ExecutionState | None = "dead",
+    ) -> None:
+        """Tell the client `notice` and `state`, then close both sockets."""
+        if self._closing:
+            return
+        self._closing = True
+        await self._tell(notice, state)
+        try:
+            await self.websocket.close(code=code, reason=reason)
+        except _CLIENT_ERRORS as error:
+            logger.debug("Client %s was already gone: %r", self.session_id, error)
+        await self.close_upstream()
+
+
+def _describe_close(closed: ConnectionClosed) -> str:
+    frame = closed.rcvd
+    if frame is None:
+        return "the connection was cut"
+    return (
+        f"closed by the gateway with code {frame.code}{': ' + frame.reason if frame.reason else ''}"
+    )
