@@ -8,14 +8,13 @@ small JSON pieces are parsed (never buffers, never large contents).
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kernel_server.framing import FrameError, split_legacy_binary, split_v1
+
 #: Larger legacy JSON frames are not parsed: they are outputs, never status messages.
 MAX_PARSED_BYTES = 64 * 1024
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,45 +59,32 @@ def _glance(channel: str, header: dict[str, Any], parent: dict[str, Any], conten
 
 
 def peek_v1(frame: bytes) -> Glance | None:
-    """A v1 frame: u64 count, u64 offsets, then channel, header, parent, metadata, content."""
-    size = len(frame)
-    if size < 8:
-        return None
-    (count,) = _U64.unpack_from(frame, 0)
-    if count < 6 or 8 * (count + 1) > size:
-        return None
-    offsets = struct.unpack_from("<6Q", frame, 8)
-    if any(b < a for a, b in zip(offsets[:-1], offsets[1:], strict=True)) or offsets[-1] > size:
-        return None
+    """A v1 frame (channel, header, parent, metadata, content, buffers)."""
     try:
-        channel = frame[offsets[0] : offsets[1]].decode()
-    except UnicodeDecodeError:
+        channel, pieces = split_v1(frame)
+    except FrameError:
         return None
     if channel != "iopub":
         return Glance(channel, "")
-    header = _object(frame[offsets[1] : offsets[2]])
-    parent = _object(frame[offsets[2] : offsets[3]])
-    return _glance(channel, header, parent, lambda: _object(frame[offsets[4] : offsets[5]]))
+    header = _object(bytes(pieces[0]))
+    parent = _object(bytes(pieces[1]))
+    return _glance(channel, header, parent, lambda: _object(bytes(pieces[3])))
 
 
 def peek_legacy(frame: bytes | str) -> Glance | None:
-    """A legacy frame: JSON text, or (with buffers) u32 count, u32 offsets, JSON, buffers."""
+    """A legacy frame: JSON text, or (with buffers) the binary layout."""
     if isinstance(frame, str):
         if len(frame) > MAX_PARSED_BYTES:
             return OUTPUT
         message = _object(frame)
     else:
-        if len(frame) < 8:
+        try:
+            body, _buffers = split_legacy_binary(frame)
+        except FrameError:
             return None
-        (nbufs,) = _U32.unpack_from(frame, 0)
-        if nbufs < 1 or 4 * (nbufs + 1) > len(frame):
-            return None
-        start, end = _U32.unpack_from(frame, 4)[0], len(frame)
-        if nbufs > 1:
-            end = _U32.unpack_from(frame, 8)[0]
-        if end - start > MAX_PARSED_BYTES:
+        if len(body) > MAX_PARSED_BYTES:
             return OUTPUT
-        message = _object(frame[start:end])
+        message = _object(bytes(body))
     if not message:
         return None
     channel = message.get("channel")

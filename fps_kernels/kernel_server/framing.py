@@ -46,8 +46,9 @@ def encode_v1(channel: str, parts: Sequence[bytes], buffers: Sequence[bytes] = (
     return b"".join([table, *pieces])
 
 
-def decode_v1(frame: bytes) -> ClientMessage:
-    """Read a v1 frame from a client, trusting none of its offsets."""
+def split_v1(frame: bytes) -> tuple[str, list[memoryview]]:
+    """A v1 frame's channel and pieces (header, parent, metadata, content, buffers...), as
+    views of the frame, trusting none of its offsets."""
     size = len(frame)
     if size < 8:
         raise FrameError("v1 frame shorter than its offset count")
@@ -64,11 +65,15 @@ def decode_v1(frame: bytes) -> ClientMessage:
         channel = bytes(view[offsets[0] : offsets[1]]).decode()
     except UnicodeDecodeError:
         raise FrameError("v1 channel is not UTF-8") from None
-    parts = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, 5)]
+    return channel, [view[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
+
+
+def decode_v1(frame: bytes) -> ClientMessage:
+    """Read a v1 frame from a client."""
+    channel, pieces = split_v1(frame)
+    parts = [bytes(piece) for piece in pieces[:4]]
     # Buffers stay views of the frame: ZMQ sends them without another copy.
-    buffers: list[bytes | memoryview] = [
-        view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)
-    ]
+    buffers: list[bytes | memoryview] = list(pieces[4:])
     return ClientMessage(channel=channel, parts=parts, buffers=buffers, header=_header(parts[0]))
 
 
@@ -117,7 +122,8 @@ def decode_legacy_text(text: str) -> ClientMessage:
     return _from_legacy_dict(message, [])
 
 
-def decode_legacy_binary(frame: bytes) -> ClientMessage:
+def split_legacy_binary(frame: bytes) -> tuple[memoryview, list[memoryview]]:
+    """A legacy binary frame's JSON message and buffers, as views of the frame."""
     size = len(frame)
     if size < 8:
         raise FrameError("legacy binary frame too short")
@@ -126,12 +132,19 @@ def decode_legacy_binary(frame: bytes) -> ClientMessage:
         raise FrameError(f"legacy binary frame has an impossible buffer count {nbufs}")
     offsets = list(struct.unpack_from(f">{nbufs}I", frame, 4)) + [size]
     _check_offsets(offsets, 4 * (nbufs + 1), size, "legacy binary")
+    view = memoryview(frame)
+    return view[offsets[0] : offsets[1]], [
+        view[offsets[i] : offsets[i + 1]] for i in range(1, nbufs)
+    ]
+
+
+def decode_legacy_binary(frame: bytes) -> ClientMessage:
+    body, pieces = split_legacy_binary(frame)
     try:
-        message = json.loads(frame[offsets[0] : offsets[1]])
+        message = json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FrameError(f"invalid JSON: {error}") from None
-    view = memoryview(frame)
-    buffers: list[bytes | memoryview] = [view[offsets[i] : offsets[i + 1]] for i in range(1, nbufs)]
+    buffers: list[bytes | memoryview] = list(pieces)
     return _from_legacy_dict(message, buffers)
 
 
