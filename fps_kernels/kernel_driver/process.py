@@ -81,7 +81,8 @@ class KernelProcess:
             try:
                 line = await stream.readline()
             except ValueError:
-                # A line longer than the stream limit: drop what is buffered, keep reading.
+                # A line longer than the stream limit: asyncio drops it; say so, keep reading.
+                logger.info("[%s] (an output line too long to log was skipped)", self.log_name)
                 continue
             if not line:
                 return
