@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from jupyverse_api.kernels import KernelsConfig
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .gateway.config import GatewayConfig
 from .kernel_server.server import ServerSettings
@@ -86,6 +87,38 @@ class KernelsPluginConfig(KernelsConfig):
         description="CurveZMQ between the server and its kernels: 'auto' for kernelspecs "
         "whose metadata.supported_encryption lists 'curve', 'required' refuses the others.",
     )
+    allow_origin: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose pages may open kernel WebSockets "
+        "and change kernels and sessions, besides the server's own; '*' allows any. "
+        "jupyverse's own --allow-origin is honoured too.",
+    )
+    allow_origin_pat: str = Field(
+        default="",
+        description="A regular expression: origins it matches are allowed as if listed in "
+        "allow_origin.",
+    )
+    allow_remote_access: bool = Field(
+        default=False,
+        description="Serve requests whatever their Host name when they arrive on a loopback "
+        "address (otherwise only local_hostnames and loopback IPs, against DNS rebinding).",
+    )
+    local_hostnames: list[str] = Field(
+        default_factory=lambda: ["localhost"],
+        description="Host names accepted on a loopback address (loopback IPs always are).",
+    )
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        gt=0,
+        description="Largest HTTP request body accepted by the kernels and sessions API; a "
+        "larger one is answered 413 without being read.",
+    )
+
+    wait_for_saves: bool = Field(
+        default=True,
+        description="Server-side execution holds its writes into a notebook while fps-yjs "
+        "writes the notebook's file: a change then cancels that save and leaves the file empty.",
+    )
 
     providers: list[str] = Field(
         default_factory=lambda: ["spec", "external", "gateway", "*"],
@@ -101,6 +134,15 @@ class KernelsPluginConfig(KernelsConfig):
         default_factory=GatewayConfig,
         description="The gateway provider's options (kernels.gateway.NAME).",
     )
+
+    @field_validator("allow_origin_pat")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return value
 
     def server_settings(self) -> ServerSettings:
         return ServerSettings(

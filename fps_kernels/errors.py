@@ -35,8 +35,22 @@ class KernelspecNotFound(NotFound):
         super().__init__(f"Kernel spec {name} not found")
 
 
+class KernelspecBroken(KernelsError):
+    """A kernelspec that is there but cannot be used: the server's configuration is wrong
+    (a kernel.json that is not JSON or lacks a field), not the request."""
+
+    def __init__(self, name: str, path: str, problem: str) -> None:
+        super().__init__(f"Kernel spec {name} is broken: {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
 class BadRequest(KernelsError):
     """A body that is not JSON, not an object, or lacks a field."""
+
+
+class PayloadTooLarge(KernelsError):
+    """A request body over the size limit (max_body_bytes)."""
 
 
 class InvalidField(KernelsError):

@@ -32,7 +32,8 @@ class KernelLauncher(ABC):
 
     @abstractmethod
     async def launch(self, request: KernelRequest) -> KernelServer:
-        """Start or attach to the kernel, returning once it answers."""
+        """Start or attach to the kernel: a launched one is returned as soon as its process
+        runs (still `starting`), one attached to once it answers."""
 
 
 class LocalLauncher(KernelLauncher):
@@ -51,7 +52,8 @@ class LocalLauncher(KernelLauncher):
         return await self.launch_spec(spec, request)
 
     async def launch_spec(self, spec: KernelSpec, request: KernelRequest) -> KernelServer:
-        """Start a kernel of `spec` as a local subprocess."""
+        """Start a kernel of `spec` as a local subprocess, returning once the process runs
+        (as jupyter_server does): it finishes starting in the background."""
         try:
             server = KernelServer(
                 kernelspec=spec,
@@ -63,7 +65,7 @@ class LocalLauncher(KernelLauncher):
                 settings=self._config.server_settings(),
                 ports=kernels.ports,
             )
-            await server.start()
+            await server.start(wait_ready=False)
         except KernelStartError as error:
             raise KernelFailed(str(error)) from None
         return server

@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from asphalt.core import Component, Context, context_teardown
+from fastapi import FastAPI
 from jupyverse_api.app import App
 from jupyverse_api.auth import Auth
 from jupyverse_api.frontend import FrontendConfig
 from jupyverse_api.kernels import Kernels, KernelsConfig
 
+from .access import cors_origins
 from .config import KernelsPluginConfig
+from .kernel_driver.ownership import remove_stale_connection_files
+from .kernel_driver.paths import runtime_dir
 from .kernel_server.server import kernels
 from .providers import load_providers
 from .registry import Registry
@@ -45,9 +49,20 @@ class KernelsComponent(Component):
         if yjs is not None:
             from .execution import ServerSideExecution
 
-            execution = ServerSideExecution(registry, yjs, ready_timeout=config.startup_timeout)
-        router = _Kernels(app, config, auth, frontend_config, registry, yjs, execution)
+            execution = ServerSideExecution(
+                registry,
+                yjs,
+                ready_timeout=config.startup_timeout,
+                pace_saves=config.wait_for_saves,
+            )
+        # jupyverse's own --allow-origin (a CORS middleware of its app) lets those in too.
+        origins = cors_origins(await ctx.request_resource(FastAPI))
+        router = _Kernels(
+            app, config, auth, frontend_config, registry, yjs, execution, extra_origins=origins
+        )
         ctx.add_resource(router, types=Kernels)
+        # Left by a server of ours that was killed (its kernels exited on their own).
+        remove_stale_connection_files(runtime_dir())
         registry.start()
         await registry.start_providers()
 

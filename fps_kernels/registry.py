@@ -156,14 +156,14 @@ class Registry:
         types = await self.kernel_types()
         found = types.get(name) or types.get(name.lower())
         if found is None:
-            raise KernelspecNotFound(name)
+            raise self._not_listed(name)
         return found[0]
 
     async def kernelspec_resource(self, name: str, file_name: str) -> KernelResource:
         types = await self.kernel_types()
         found = types.get(name) or types.get(name.lower())
         if found is None:
-            raise KernelspecNotFound(name)
+            raise self._not_listed(name)
         kernel_type, provider = found
         return await provider.resource(kernel_type, file_name)
 
@@ -192,7 +192,15 @@ class Registry:
         for provider in self.providers:
             if provider.claims(name):
                 return name, provider
-        raise KernelspecNotFound(name)
+        raise self._not_listed(name)
+
+    def _not_listed(self, name: str) -> KernelsError:
+        """Why no provider lists `name`: a provider's own reason (a broken kernelspec), or 404."""
+        for provider in self.providers:
+            why = provider.unusable(name)
+            if why is not None:
+                return why
+        return KernelspecNotFound(name)
 
     # --- kernels -------------------------------------------------------------------------
 
@@ -390,6 +398,8 @@ class Registry:
             if timeout <= 0:
                 continue
             state = server.activity.execution_state
+            if state in ("starting", "restarting"):
+                continue  # not idle: it has not answered yet (a dead start ends as `dead`)
             idle = (now - server.activity.last_activity).total_seconds()
             if state != "dead" and (
                 idle < timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,6 +17,7 @@ from jupyverse_api.frontend import FrontendConfig
 from jupyverse_api.kernels import Kernels
 from starlette.websockets import WebSocket
 
+from .access import AccessGuard, AccessRules
 from .config import KernelsPluginConfig
 from .errors import (
     BadRequest,
@@ -28,10 +29,23 @@ from .errors import (
     KernelFailed,
     KernelNotFound,
     KernelsError,
+    KernelspecBroken,
+    KernelspecNotFound,
     NotFound,
+    PayloadTooLarge,
 )
 from .kernel_server.activity import isoformat_z
-from .models import CreateSession, ExecuteCell, StartKernel, UpdateSession, parse_body
+from .kernel_server.framing import has_lone_surrogate
+from .models import (
+    CreateSession,
+    ExecuteCell,
+    ExecuteCode,
+    InputReply,
+    StartKernel,
+    UpdateSession,
+    parse_body,
+    path_problem,
+)
 from .providers.base import KernelType
 from .registry import Registry
 
@@ -43,9 +57,13 @@ logger = logging.getLogger(__name__)
 _STATUS_CODES: list[tuple[type[KernelsError], int]] = [
     (NotFound, 404),
     (BadRequest, 400),
+    (PayloadTooLarge, 413),
     (InvalidField, 422),
     (Conflict, 409),
     (KernelFailed, 500),
+    # The name exists but its kernel.json is wrong: a misconfigured server, not a bad request
+    # nor an unknown name, so 500 (as jupyter_server answers when a kernelspec fails to load).
+    (KernelspecBroken, 500),
     (GatewayUnavailable, 503),
     (GatewayTimeout, 504),
     (GatewayError, 502),
@@ -58,13 +76,16 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 def error_response(error: KernelsError) -> JSONResponse:
     status = next((code for kind, code in _STATUS_CODES if isinstance(error, kind)), 500)
-    log = logger.warning if status >= 500 else logger.info
-    log("%s %s", status, error.message)
+    # A broken kernelspec is warned about once per change of its file, not per request.
+    if not isinstance(error, KernelspecBroken):
+        log = logger.warning if status >= 500 else logger.info
+        log("%s %s", status, error.message)
     return JSONResponse({"message": error.message, "reason": error.reason}, status_code=status)
 
 
 def answers_errors(handler: _Handler) -> _Handler:
-    """Turn the KernelsErrors a handler raises into JSON answers with a `message`."""
+    """Turn the KernelsErrors a handler raises into JSON answers with a `message`, and
+    anything else into a short 500: a traceback goes to the log, never to the client."""
 
     @functools.wraps(handler)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,19 +93,50 @@ def answers_errors(handler: _Handler) -> _Handler:
             return await handler(*args, **kwargs)
         except KernelsError as error:
             return error_response(error)
+        except Exception:
+            logger.exception("500 in %s", handler.__qualname__)
+            return JSONResponse(
+                {"message": "Internal server error (see the server log)", "reason": None},
+                status_code=500,
+            )
 
     return wrapper  # type: ignore[return-value]
 
 
-async def read_json(request: Request) -> Any:
-    """The request's JSON body, None when empty; BadRequest when it is not JSON."""
-    body = await request.body()
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, read no further than `max_bytes`: PayloadTooLarge past it."""
+    too_large = PayloadTooLarge(f"Request body over the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, None when empty; BadRequest when it is not JSON, or JSON
+    that Python would choke on later (too deep, too long numbers, lone surrogates)."""
+    body = await read_body(request, max_bytes)
     if not body.strip():
         return None
     try:
-        return json.loads(body)
+        data = json.loads(body)
+    except RecursionError:
+        raise BadRequest("Invalid JSON in body of request: nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("Invalid JSON in body of request") from None
+    except ValueError:
+        # json raises a bare ValueError for integers over sys.get_int_max_str_digits().
+        raise BadRequest("Invalid JSON in body of request: a number has too many digits") from None
+    if has_lone_surrogate(body, data):
+        raise BadRequest("Invalid JSON in body of request: a lone UTF-16 surrogate escape")
+    return data
 
 
 class _Kernels(Kernels):
@@ -99,8 +151,18 @@ class _Kernels(Kernels):
         registry: Registry,
         yjs: Any = None,
         execution: ServerSideExecution | None = None,
+        extra_origins: Iterable[str] = (),
     ) -> None:
         self._auth = auth
+        # Set before the ABC's __init__, which includes its router (through include_router).
+        self._access = AccessGuard(
+            AccessRules(
+                allow_origin=[*config.allow_origin, *extra_origins],
+                allow_origin_pat=config.allow_origin_pat,
+                allow_remote_access=config.allow_remote_access,
+                local_hostnames=config.local_hostnames,
+            )
+        )
         super().__init__(app=app, auth=auth)
         self.config = config
         self.frontend_config = frontend_config
@@ -117,7 +179,9 @@ class _Kernels(Kernels):
         # jupyverse refuses a second router with a path already taken, whatever the method
         # (POST /api/kernels next to GET /api/kernels), so our routes join the ABC's router.
         self._add_routes(router, self._auth)
-        super().include_router(router, **kwargs)
+        # One dependency, run before every route's own (auth included), HTTP and WebSocket.
+        dependencies = [Depends(self._access), *kwargs.pop("dependencies", [])]
+        super().include_router(router, dependencies=dependencies, **kwargs)
 
     def _add_routes(self, router: APIRouter, auth: Auth) -> None:
         @router.post("/api/kernels", status_code=201)
@@ -141,8 +205,33 @@ class _Kernels(Kernels):
         ) -> Response:
             return await self.get_session(session_id, user)
 
+        # The jupyter-server-nbmodel protocol (POST …/execute is the ABC's route).
+        @router.get("/api/kernels/{kernel_id}/execute")
+        async def get_execute_requests(
+            kernel_id: str,
+            user: User = Depends(auth.current_user(permissions={"kernels": ["read"]})),
+        ) -> Response:
+            return await self.get_execute_requests(kernel_id, user)
+
+        @router.get("/api/kernels/{kernel_id}/requests/{request_id}")
+        async def get_execute_request(
+            kernel_id: str,
+            request_id: str,
+            user: User = Depends(auth.current_user(permissions={"kernels": ["read"]})),
+        ) -> Response:
+            return await self.get_execute_request(kernel_id, request_id, user)
+
+        @router.post("/api/kernels/{kernel_id}/input", status_code=201)
+        async def send_input(
+            request: Request,
+            kernel_id: str,
+            user: User = Depends(auth.current_user(permissions={"kernels": ["write"]})),
+        ) -> Response:
+            return await self.send_input(request, kernel_id, user)
+
     # --- status and kernelspecs ----------------------------------------------------------
 
+    @answers_errors
     async def get_status(self, user: User) -> Response:
         await self.registry.refresh()
         kernels = self.registry.kernel_models()
@@ -166,6 +255,7 @@ class _Kernels(Kernels):
         }
         return {"name": name or spec.name, "spec": spec.spec, "resources": resources}
 
+    @answers_errors
     async def get_kernelspecs(self, user: User) -> Response:
         specs = await self.registry.kernelspecs()
         default = self.registry.default_kernel(list(specs))
@@ -178,11 +268,18 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def get_kernelspec_model(self, kernel_name: str, user: User) -> Response:
+        if path_problem(kernel_name) is not None:
+            # No kernelspec can have that name (and the file system would raise on it).
+            raise KernelspecNotFound(kernel_name)
         spec = await self.registry.kernelspec(kernel_name)
         return JSONResponse(self._spec_model(spec, kernel_name))
 
     @answers_errors
     async def get_kernelspec(self, kernel_name: str, file_name: str, user: User) -> Response:
+        for name in (kernel_name, file_name):
+            problem = path_problem(str(name))
+            if problem is not None:
+                raise NotFound(f"No file {file_name!r} in kernelspec {kernel_name!r}: {problem}")
         resource = await self.registry.kernelspec_resource(str(kernel_name), str(file_name))
         if resource.path is not None:
             return FileResponse(resource.path)
@@ -192,7 +289,7 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def start_kernel(self, request: Request, user: User) -> Response:
-        body = parse_body(StartKernel, await read_json(request) or {})
+        body = parse_body(StartKernel, await read_json(request, self.config.max_body_bytes) or {})
         kernel_id = await self.registry.start_kernel(body, username=user.username)
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
@@ -201,6 +298,7 @@ class _Kernels(Kernels):
             headers={"Location": f"{base_url}api/kernels/{kernel_id}"},
         )
 
+    @answers_errors
     async def get_kernels(self, user: User) -> Response:
         await self.registry.refresh()
         return JSONResponse(self.registry.kernel_models())
@@ -228,14 +326,55 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def execute_cell(self, request: Request, kernel_id: str, user: User) -> Response:
+        execution = self._execution()
+        data = await read_json(request, self.config.max_body_bytes)
+        if isinstance(data, dict) and "code" in data:
+            # jupyter-server-nbmodel's body: {"code", "metadata": {"cell_id", ...}}.
+            code = parse_body(ExecuteCode, data)
+            meta = code.metadata
+            queued = await execution.submit_request(
+                kernel_id,
+                code.code,
+                meta.cell_id if meta is not None else None,
+                meta.document_id if meta is not None else None,
+            )
+            return JSONResponse(
+                queued.accepted(),
+                status_code=202,
+                headers={"Location": queued.url, "Access-Control-Expose-Headers": "Location"},
+            )
+        body = parse_body(ExecuteCell, data)
+        answer = await execution.execute(kernel_id, body.document_id, body.cell_id)
+        return JSONResponse(answer, status_code=202)
+
+    def _execution(self) -> ServerSideExecution:
         if self.execution is None:
             raise Conflict(
                 "Server-side execution needs the Yjs plugin: start jupyverse with "
                 "--set kernels.require_yjs=true"
             )
-        body = parse_body(ExecuteCell, await read_json(request))
-        answer = await self.execution.execute(kernel_id, body.document_id, body.cell_id)
-        return JSONResponse(answer, status_code=202)
+        return self.execution
+
+    @answers_errors
+    async def get_execute_requests(self, kernel_id: str, user: User) -> Response:
+        execution = self._execution()
+        self.registry.entry(kernel_id)
+        requests = execution.requests.pending(kernel_id)
+        return JSONResponse({"kernel_id": kernel_id, "requests": requests})
+
+    @answers_errors
+    async def get_execute_request(self, kernel_id: str, request_id: str, user: User) -> Response:
+        status, body, headers = self._execution().requests.poll(kernel_id, request_id)
+        if "Location" in headers:
+            headers["Access-Control-Expose-Headers"] = "Location"
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @answers_errors
+    async def send_input(self, request: Request, kernel_id: str, user: User) -> Response:
+        execution = self._execution()
+        body = parse_body(InputReply, await read_json(request, self.config.max_body_bytes))
+        execution.send_input(kernel_id, body.input)
+        return Response(status_code=201)
 
     async def watch_connection_files(self, path: Path) -> None:
         """Serve the external kernels whose connection files are in `path`, until cancelled."""
@@ -247,6 +386,7 @@ class _Kernels(Kernels):
 
     # --- sessions ------------------------------------------------------------------------
 
+    @answers_errors
     async def get_sessions(self, user: User) -> Response:  # type: ignore[override]
         await self.registry.refresh()
         return JSONResponse(self.registry.session_models())
@@ -259,7 +399,7 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def create_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
-        body = parse_body(CreateSession, await read_json(request))
+        body = parse_body(CreateSession, await read_json(request, self.config.max_body_bytes))
         record = await self.registry.create_session(body, username=user.username)
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
@@ -271,7 +411,7 @@ class _Kernels(Kernels):
     @answers_errors
     async def rename_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
         session_id = request.path_params["session_id"]
-        body = parse_body(UpdateSession, await read_json(request))
+        body = parse_body(UpdateSession, await read_json(request, self.config.max_body_bytes))
         record = await self.registry.update_session(session_id, body, username=user.username)
         return JSONResponse(self.registry.session_model(record))
 

@@ -80,7 +80,9 @@ def bin_dir() -> Path:
 
 def server_command(kind: str, port: int, root: Path, options: Sequence[str] = ()) -> list[str]:
     if kind == "jupyverse":
-        command = [str(bin_dir() / "jupyverse"), "--port", str(port), "--host", "127.0.0.1"]
+        # The `jupyverse` command's configuration, with a start timeout fit for a busy machine.
+        command = [sys.executable, str(Path(__file__).parent / "support" / "jupyverse_cli.py")]
+        command += ["--port", str(port), "--host", "127.0.0.1"]
         # `options`: jupyverse --set values, e.g. "kernels.gateway.url=http://…"
         return command + [arg for option in options for arg in ("--set", option)]
     command = [

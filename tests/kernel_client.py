@@ -124,6 +124,8 @@ class KernelClient:
         url = f"{ws_url}/api/kernels/{kernel_id}/channels?session_id={session_id}"
         if token:
             url += f"&token={token}"
+        # a generous opening handshake: the server may be busy starting kernels
+        kwargs.setdefault("open_timeout", 30)
         ws = await connect(
             url,
             subprotocols=[V1] if protocol == "v1" else None,  # type: ignore[list-item]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import anyio
 import httpx
@@ -14,11 +15,23 @@ from .kernel_client import KernelClient
 
 pytestmark = pytest.mark.anyio
 
-FAST = {"cull_idle_timeout": 1.5, "cull_interval": 0.25}
+# Culling windows sized for a busy 2-core machine: each kernel that must not be culled gets its
+# client (or its busy cell) right after its own start, so only a WebSocket connect has to fit in
+# CULL_TIMEOUT, never a kernel start; every wait is for an event, with deadlines of tens of seconds.
+CULL_TIMEOUT = 5.0
+CULL_INTERVAL = 0.5
+FAST = {"cull_idle_timeout": CULL_TIMEOUT, "cull_interval": CULL_INTERVAL}
+CULLED_WITHIN = CULL_TIMEOUT + 60  # the cull itself, plus a shutdown on a loaded machine
 
 
 async def _ids(http: httpx.AsyncClient) -> set[str]:
     return {k["id"] for k in (await http.get("/api/kernels")).json()}
+
+
+async def _until_gone(http: httpx.AsyncClient, kernel_id: str) -> None:
+    with anyio.fail_after(CULLED_WITHIN):
+        while kernel_id in await _ids(http):
+            await anyio.sleep(0.1)
 
 
 async def test_default_culling_spares_connected_and_busy_kernels(
@@ -28,34 +41,34 @@ async def test_default_culling_spares_connected_and_busy_kernels(
     srv.start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+            connected = (await http.post("/api/kernels", json={})).json()["id"]
+            client = await KernelClient.connect(srv.ws_url, connected)
+            busy = (await http.post("/api/kernels", json={})).json()["id"]
+            worker = await KernelClient.connect(srv.ws_url, busy)
+            msg_id = await worker.execute("import time; time.sleep(600)")
+            await worker.until(lambda m: m.msg_type == "execute_input" and m.parent_id == msg_id)
+            await worker.close()
+            # Started last, so the other two have been without activity at least as long.
+            created = time.monotonic()
             session = (
                 await http.post("/api/sessions", json={"path": "idle.ipynb", "type": "notebook"})
             ).json()
             idle = session["kernel"]["id"]
-            created = time.monotonic()
-            connected = (await http.post("/api/kernels", json={})).json()["id"]
-            busy = (await http.post("/api/kernels", json={})).json()["id"]
-            client = await KernelClient.connect(srv.ws_url, connected)
-            worker = await KernelClient.connect(srv.ws_url, busy)
-            msg_id = await worker.execute("import time; time.sleep(30)")
-            await worker.until(lambda m: m.msg_type == "execute_input" and m.parent_id == msg_id)
-            await worker.close()
-            with anyio.fail_after(10):
-                while idle in await _ids(http):
-                    await anyio.sleep(0.1)
-            # not before cull_idle_timeout (1.5 s) without activity
-            assert time.monotonic() - created >= 1.4
+            await _until_gone(http, idle)
+            # not before cull_idle_timeout without activity
+            assert time.monotonic() - created >= CULL_TIMEOUT - 0.1
             # its session went with it, at once
             assert (await http.get(f"/api/sessions/{session['id']}")).status_code == 404
-            await anyio.sleep(2.5)
+            # The other two were as idle as `idle`, for longer: a few more culling passes
+            # (the pass that culled `idle` may not have reached them yet) must spare them.
+            await anyio.sleep(max(3.0, 4 * CULL_INTERVAL))
             assert {connected, busy} <= await _ids(http)
             assert (await http.get(f"/api/kernels/{busy}")).json()["execution_state"] == "busy"
             await client.close()
-            with anyio.fail_after(10):
-                while connected in await _ids(http):
-                    await anyio.sleep(0.1)
+            await _until_gone(http, connected)
             assert busy in await _ids(http)
-        assert "Culling kernel" in srv.read_log()
+        log = srv.read_log()
+        assert f"Culling kernel {idle}" in log and f"Culling kernel {busy}" not in log
     finally:
         srv.stop()
 
@@ -72,10 +85,10 @@ async def test_cull_connected_and_busy_tell_clients(
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
             kernel_id = (await http.post("/api/kernels", json={})).json()["id"]
             client = await KernelClient.connect(srv.ws_url, kernel_id)
-            msg_id = await client.execute("import time; time.sleep(30)")
+            msg_id = await client.execute("import time; time.sleep(600)")
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
-                    await client.receive(10)
+                    await client.receive(CULLED_WITHIN)
             notices = [m for m in client.received if m.msg_type == "stream"]
             assert notices and "without activity" in notices[-1].content["text"]
             # the notice lands in the cell that was running
@@ -95,13 +108,18 @@ async def test_activity_keeps_a_kernel_alive(tmp_path_factory: pytest.TempPathFa
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
             kernel_id = (await http.post("/api/kernels", json={})).json()["id"]
             client = await KernelClient.connect(srv.ws_url, kernel_id)
-            # a long cell that prints: busy, and active, until it ends
-            await client.run("import time\nfor i in range(6):\n    print(i); time.sleep(0.5)")
+            # A cell that prints for longer than cull_idle_timeout: busy, and active, until it
+            # ends; without the activity counted, it would be culled as soon as it is idle.
+            steps = int(CULL_TIMEOUT / 0.5) + 4
+            msgs, _ = await client.run(
+                f"import time\nfor i in range({steps}):\n    print(i); time.sleep(0.5)", timeout=60
+            )
             await client.close()
             # the idle status at the end of the cell counts as activity
+            ended = datetime.fromisoformat(msgs[-1].header["date"])
+            model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+            assert datetime.fromisoformat(model["last_activity"]) >= ended
             assert kernel_id in await _ids(http)
-            with anyio.fail_after(10):
-                while kernel_id in await _ids(http):
-                    await anyio.sleep(0.1)
+            await _until_gone(http, kernel_id)
     finally:
         srv.stop()

@@ -71,10 +71,14 @@ async def test_replay_after_a_drop(server: JupyverseServer, kernel: str, protoco
 
 
 async def test_another_session_gets_no_replay(server: JupyverseServer, kernel: str) -> None:
+    # Waits for the cell's end (seen by a client of a third session) rather than a fixed
+    # time: on a loaded machine the cell may end long after 1.5 s.
+    observer = await KernelClient.connect(server.ws_url, kernel)
     first = await KernelClient.connect(server.ws_url, kernel)
     msg_id = await first.execute("import time; time.sleep(0.5); print('missed')")
     await first.close()
-    await anyio.sleep(1.5)
+    await observer.until_idle(msg_id, timeout=60)
+    await observer.close()
     other = await KernelClient.connect(server.ws_url, kernel)
     try:
         _msgs, stdout = await other.run("print('live')")

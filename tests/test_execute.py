@@ -250,7 +250,7 @@ async def test_run_all_runs_in_order_and_stops_after_an_error(
     yserver: JupyverseServer, ykernel: str
 ) -> None:
     cells = {
-        "slow": 'import time\ntime.sleep(1)\norder = ["slow"]',
+        "slow": 'import time\ntime.sleep(5)\norder = ["slow"]',
         "fast": 'order.append("fast")',
         "show": "print(order)",
         "fails": 'raise ValueError("stop here")',
@@ -264,7 +264,8 @@ async def test_run_all_runs_in_order_and_stops_after_an_error(
         for cell_id in cells:
             response = await execute(http, ykernel, doc_id, cell_id)
             assert response.status_code == 202, response.text
-        assert time.monotonic() - started < 1, "answers come when queued, not when run"
+        # well under the slow cell's 5 s, even on a loaded machine
+        assert time.monotonic() - started < 4, "answers come when queued, not when run"
         # Queued cells show as running, as JupyterLab shows them ([*]).
         await until(lambda: all(nb.status(c) == "running" for c in cells), what="all queued")
         await until(lambda: nb.is_done("skipped"), what="the last cell done")
@@ -290,7 +291,7 @@ async def test_interrupt_stops_the_running_cell(yserver: JupyverseServer, ykerne
         assert nb.status("sleep") == "running"
         response = await http.post(f"/api/kernels/{ykernel}/interrupt")
         assert response.status_code == 204
-        await until(lambda: nb.is_done("sleep") and nb.is_done("after"), timeout=10)
+        await until(lambda: nb.is_done("sleep") and nb.is_done("after"), timeout=30)
         outputs = nb.outputs("sleep")
         assert outputs[0] == stream("sleeping\n")
         assert error_of(outputs[-1])[0] == "KeyboardInterrupt"
@@ -312,7 +313,7 @@ async def test_restart_ends_running_and_queued_cells_and_later_cells_use_the_new
         await until(lambda: nb.outputs("sleep"), what="the cell running")
         response = await http.post(f"/api/kernels/{ykernel}/restart")
         assert response.status_code == 200, response.text
-        await until(lambda: nb.is_done("sleep") and nb.is_done("queued"), timeout=10)
+        await until(lambda: nb.is_done("sleep") and nb.is_done("queued"), timeout=30)
         running = nb.outputs("sleep")
         assert running[0] == stream("sleeping\n")
         assert error_of(running[1])[0] == "KernelRestarted"

@@ -148,8 +148,10 @@ async def test_lifecycle_listed_used_and_removed_with_its_file(
     written = time.monotonic()
     kernel = ExternalKernel(folder / "life.json", "ext-life")
     started.append(kernel)
-    await until(lambda: listed(http, "ext-life"), 5, "ext-life listed")
-    assert time.monotonic() - written < 1.5, "listed within a second of appearing"
+    await until(lambda: listed(http, "ext-life"), 30, "ext-life listed")
+    # by the folder's polling (4 times a second), not at some later refresh; the bound leaves
+    # room for a loaded machine
+    assert time.monotonic() - written < 10, "listed within seconds of appearing"
     kernel_id = await idle_kernel(http, "ext-life")
     assert listed(http, "ext-life") == http.get(f"/api/kernels/{kernel_id}").json()
 
@@ -159,9 +161,9 @@ async def test_lifecycle_listed_used_and_removed_with_its_file(
         assert stdout == "hello from outside\n"
         # Its execution state is tracked as for our own kernels.
         msg_id = await client.execute("import time; time.sleep(1)")
-        await until(lambda: listed(http, "ext-life")["execution_state"] == "busy", 5)  # type: ignore[index]
+        await until(lambda: listed(http, "ext-life")["execution_state"] == "busy", 30)  # type: ignore[index]
         await client.until_idle(msg_id)
-        await until(lambda: listed(http, "ext-life")["execution_state"] == "idle", 5)  # type: ignore[index]
+        await until(lambda: listed(http, "ext-life")["execution_state"] == "idle", 30)  # type: ignore[index]
 
         # A session on it: deleting the session leaves the kernel listed and running.
         response = http.post(
@@ -181,13 +183,13 @@ async def test_lifecycle_listed_used_and_removed_with_its_file(
         # Its file removed: unlisted, its session closed, its WebSocket told, the kernel alive.
         kernel.connection_file.unlink()
         removed = time.monotonic()
-        await until(lambda: listed(http, "ext-life") is None, 5, "ext-life unlisted")
-        assert time.monotonic() - removed < 1.5
+        await until(lambda: listed(http, "ext-life") is None, 30, "ext-life unlisted")
+        assert time.monotonic() - removed < 10
         assert http.get(f"/api/sessions/{session['id']}").status_code == 404
         states = []
         with pytest.raises(ConnectionClosed):
             while True:
-                msg = await client.receive(timeout=10)
+                msg = await client.receive(timeout=30)
                 if msg.msg_type == "status":
                     states.append(msg.content["execution_state"])
         assert "dead" in states
@@ -206,7 +208,7 @@ async def test_delete_sends_shutdown_request_and_forgets_it(
     kernel_id = await idle_kernel(http, "ext-delete")
     assert http.delete(f"/api/kernels/{kernel_id}").status_code == 204
     assert listed(http, "ext-delete") is None
-    await until(lambda: not kernel.alive(), 10, "the kernel exiting on shutdown_request")
+    await until(lambda: not kernel.alive(), 30, "the kernel exiting on shutdown_request")
     assert kernel.process.returncode == 0  # it shut down, it was not killed
     # Its file is still there (ipykernel did not write it), yet it stays forgotten.
     assert kernel.connection_file.exists()
@@ -240,9 +242,12 @@ async def test_malformed_and_partial_files_are_ignored_until_valid(
     text = json.dumps(kernel.info)
     partial = folder / "partial.json"
     partial.write_text(text[: len(text) // 2])
-    time.sleep(0.6)
+    # seen by the watcher (and logged) before it changes again
+    await until(
+        lambda: log_lines(ext_server, "partial.json until it is a valid"), 30, "partial.json seen"
+    )
     partial.write_text(json.dumps({"key": kernel.info["key"], "kernel_name": "ext-partial"}))
-    time.sleep(0.6)
+    time.sleep(1.5)  # a few polls of the folder: still invalid, still not served
     assert listed(http, "ext-partial") is None
     partial.write_text(text)
     kernel_id = await idle_kernel(http, "ext-partial")
@@ -255,11 +260,17 @@ async def test_malformed_and_partial_files_are_ignored_until_valid(
         await client.close()
     names = {k["name"] for k in http.get("/api/kernels").json()}
     assert not names & {"ext-ok", "ext-bad"}
-    for name in [*bad_files, "binary.bin", "partial.json"]:
+    bad_names = [*bad_files, "binary.bin", "partial.json"]
+    await until(
+        lambda: all(log_lines(ext_server, f"{n} until it is a valid") for n in bad_names),
+        30,
+        "every bad file seen",
+    )
+    for name in bad_names:
         assert len(log_lines(ext_server, f"{name} until it is a valid")) == 1, name
     assert not log_lines(ext_server, "adir.json")
     assert not log_lines(ext_server, "Traceback")
     for name in [*bad_files, "binary.bin", "partial.json"]:
         (folder / name).unlink()
     (folder / "adir.json").rmdir()
-    await until(lambda: listed(http, "ext-partial") is None, 5, "ext-partial unlisted")
+    await until(lambda: listed(http, "ext-partial") is None, 30, "ext-partial unlisted")

@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import JupyverseServer, free_port
-from .gateway_support import KernelGateway, TcpProxy
+from .gateway_support import HungGateway, KernelGateway, TcpProxy
 from .kernel_client import V1, KernelClient, Msg, make_msg
 from .test_websocket import ECHO_TARGET
 
@@ -401,9 +401,11 @@ async def test_gateway_restart_mid_session(tmp_path: Path) -> None:
 
 def test_kernels_culled_by_the_gateway_are_forgotten(tmp_path: Path) -> None:
     kg = KernelGateway(tmp_path / "kg")
+    # Long enough that the gateway cannot cull the kernel before the session's POST has
+    # answered, even on a loaded machine.
     kg.start(
         (
-            "--MappingKernelManager.cull_idle_timeout=2",
+            "--MappingKernelManager.cull_idle_timeout=10",
             "--MappingKernelManager.cull_interval=1",
         )
     )
@@ -417,12 +419,205 @@ def test_kernels_culled_by_the_gateway_are_forgotten(tmp_path: Path) -> None:
             body = {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gw-python3"}}
             session = http.post("/api/sessions", json=body).json()
             kernel_id = session["kernel"]["id"]
-            wait_for(lambda: kernel_id not in [k["id"] for k in kg.kernels()], 20, "culled")
+            wait_for(lambda: kernel_id not in [k["id"] for k in kg.kernels()], 60, "culled")
             wait_for(
-                lambda: http.get(f"/api/kernels/{kernel_id}").status_code == 404, 10, "forgotten"
+                lambda: http.get(f"/api/kernels/{kernel_id}").status_code == 404, 30, "forgotten"
             )
             assert http.get(f"/api/sessions/{session['id']}").status_code == 404
             assert http.get("/api/sessions").json() == []
     finally:
         srv.stop()
         kg.stop()
+
+
+# --- a gateway that does not answer -------------------------------------------------------
+
+#: Seconds a listing may take with a gateway that does not answer: it waits about 1 s for the
+#: gateway; generous for a loaded machine, far below the gateway's request timeout.
+LISTING_BOUND = 5.0
+LISTINGS = ("/api/kernelspecs", "/api/kernels", "/api/sessions", "/api/status")
+
+
+async def timed_listings(http: httpx.AsyncClient) -> dict[str, Any]:
+    """Every listing, twice (the first may wait for the gateway, the next not at all), each
+    answering within LISTING_BOUND; the last answers."""
+    answers: dict[str, Any] = {}
+    for _ in range(2):
+        for path in LISTINGS:
+            start = time.monotonic()
+            response = await http.get(path)
+            took = time.monotonic() - start
+            assert response.status_code == 200, response.text
+            assert took < LISTING_BOUND, f"GET {path} took {took:.1f} s"
+            answers[path] = response.json()
+    return answers
+
+
+async def run_on_a_local_kernel(srv: JupyverseServer, http: httpx.AsyncClient) -> None:
+    body = {"path": "local.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    response = await http.post("/api/sessions", json=body)
+    assert response.status_code == 201, response.text
+    session = response.json()
+    client = await connect(srv, session["kernel"]["id"])
+    try:
+        _msgs, stdout = await client.run("print('local', 6 * 7)")
+        assert stdout == "local 42\n"
+    finally:
+        await client.close()
+    assert (await http.delete(f"/api/sessions/{session['id']}")).status_code == 204
+
+
+def assert_came_up(srv: JupyverseServer) -> None:
+    log = srv.read_log()
+    assert "Timeout waiting for the root component" not in log
+    assert "did not answer within 1 s: going on without it" in log, log[-3000:]
+    assert srv.process is not None and srv.process.poll() is None
+
+
+async def test_a_gateway_that_never_answers_holds_nothing_up(tmp_path: Path) -> None:
+    hung = HungGateway()
+    hung.start()
+    srv = gateway_server(tmp_path, {"url": hung.url, "request_timeout": 3})
+    try:
+        srv.start()
+        assert_came_up(srv)
+        assert hung.accepted >= 1
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
+            answers = await timed_listings(http)
+            specs = answers["/api/kernelspecs"]["kernelspecs"]
+            assert "python3" in specs and not any(name.startswith("gw-") for name in specs)
+            await run_on_a_local_kernel(srv, http)
+            response = await http.post("/api/kernels", json={"name": "gw-python3"})
+            assert response.status_code == 504, response.text
+            assert "does not answer" in response.json()["message"]
+        assert srv.server_tracebacks() == []
+    finally:
+        srv.stop()
+        hung.stop()
+
+
+async def test_a_stopped_gateway_holds_nothing_up_and_comes_back(tmp_path: Path) -> None:
+    kg = KernelGateway(tmp_path / "kg")
+    kg.start()
+    home = tmp_path / "jupyverse"
+    srv = gateway_server(home, kg.config(retry_interval=0.25))
+    later: Jupyverse | None = None
+    try:
+        srv.start()
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
+            body = {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gw-python3"}}
+            response = await http.post("/api/sessions", json=body)
+            assert response.status_code == 201, response.text
+            session = response.json()
+            kernel_id = session["kernel"]["id"]
+            client = await connect(srv, kernel_id)
+            await client.run("x = 6 * 7")
+            await client.close()
+
+            await anyio.to_thread.run_sync(kg.pause)
+            answers = await timed_listings(http)
+            assert {"python3", "gw-python3"} <= set(answers["/api/kernelspecs"]["kernelspecs"])
+            model = next(k for k in answers["/api/kernels"] if k["id"] == kernel_id)
+            assert "does not answer" in model.get("reason", ""), model
+            listed = next(s for s in answers["/api/sessions"] if s["id"] == session["id"])
+            assert "does not answer" in listed["kernel"].get("reason", ""), listed
+            start = time.monotonic()
+            response = await http.delete(f"/api/kernels/{kernel_id}")
+            assert time.monotonic() - start < LISTING_BOUND
+            assert response.status_code == 504, response.text  # and the kernel stays
+            assert "does not answer" in response.json()["message"]
+            await run_on_a_local_kernel(srv, http)
+
+            await anyio.to_thread.run_sync(kg.resume)
+            deadline = time.monotonic() + 30
+            while "reason" in (await http.get(f"/api/kernels/{kernel_id}")).json():
+                assert time.monotonic() < deadline, "the reason stayed"
+                await anyio.sleep(0.2)
+            client = await connect(srv, kernel_id)
+            try:
+                _msgs, stdout = await client.run("print(x)")
+                assert stdout == "42\n"
+            finally:
+                await client.close()
+        srv.stop()  # deletes the kernel it started: the gateway answers again
+
+        # A start while the gateway is stopped: up at once, with the kernelspecs it gave last.
+        await anyio.to_thread.run_sync(kg.pause)
+        later = gateway_server(home, kg.config())
+        later.start()
+        assert_came_up(later)
+        async with httpx.AsyncClient(base_url=later.url, headers=later.headers, timeout=60) as http:
+            answers = await timed_listings(http)
+            specs = answers["/api/kernelspecs"]["kernelspecs"]
+            assert specs["gw-python3"]["spec"]["display_name"] == "Python 3 (ipykernel) (gateway)"
+            await run_on_a_local_kernel(later, http)
+            await anyio.to_thread.run_sync(kg.resume)
+            body = {"path": "b.ipynb", "type": "notebook", "kernel": {"name": "gw-python3"}}
+            response = await http.post("/api/sessions", json=body)
+            assert response.status_code == 201, response.text
+            client = await connect(later, response.json()["kernel"]["id"])
+            try:
+                _msgs, stdout = await client.run("print('after')")
+                assert stdout == "after\n"
+            finally:
+                await client.close()
+        assert later.server_tracebacks() == [] and srv.server_tracebacks() == []
+    finally:
+        kg.resume()
+        if later is not None:
+            later.stop()
+        srv.stop()
+        kg.stop()
+
+
+# --- messages over the gateway's size limit -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("checked", "protocol"), [("here", "legacy"), ("gateway", "v1"), ("gateway", "legacy")]
+)
+async def test_a_message_too_large_for_the_gateway_is_never_resent(
+    kg: KernelGateway, tmp_path: Path, checked: str, protocol: str
+) -> None:
+    # "gateway": no check here, Kernel Gateway refuses it (close code 1009, as Enterprise
+    # Gateway does: both keep Tornado's 10 MiB limit).
+    limit = {"max_message_bytes": 0} if checked == "gateway" else {}
+    srv = gateway_server(tmp_path, kg.config(retry_interval=0.2, **limit))
+    try:
+        srv.start()
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
+            response = await http.post("/api/kernels", json={"name": "gw-python3"})
+            assert response.status_code == 201, response.text
+            kernel_id = response.json()["id"]
+            client = await connect(srv, kernel_id, protocol)
+            other = await connect(srv, kernel_id, protocol)
+            await client.run("x = 6 * 7")
+            code = "s = '" + "a" * (12 << 20) + "'"  # 12 MiB
+            big = make_msg("execute_request", {"code": code, "silent": False}, client.session_id)
+            await client.send(big)
+            msgs: list[Msg] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    msgs.append(await client.receive(30))
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            notices = [m for m in msgs if "too large for the kernel gateway" in stderr([m])]
+            assert len(notices) == 1, stderr(msgs)
+            assert notices[0].parent_id == big["header"]["msg_id"]  # in the cell that sent it
+            why = "over the gateway's limit" if checked == "here" else "closed with 1009"
+            assert why in stderr(notices)
+
+            # The kernel, its other client and new connections go on.
+            _msgs, stdout = await other.run("print(x)")
+            assert stdout == "42\n"
+            await other.close()
+            again = await connect(srv, kernel_id, protocol)
+            _msgs, stdout = await again.run("print(x + 1)")
+            assert stdout == "43\n"
+            await again.close()
+            assert (await http.delete(f"/api/kernels/{kernel_id}")).status_code == 204
+        log = srv.read_log()
+        assert log.count("is too large for the kernel gateway") == 1, log[-3000:]
+        assert "reconnecting" not in log
+        assert srv.server_tracebacks() == []
+    finally:
+        srv.stop()

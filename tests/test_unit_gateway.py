@@ -21,7 +21,9 @@ from fps_kernels.errors import (
 )
 from fps_kernels.gateway.client import GatewayClient, GatewayRefused, gateway_message
 from fps_kernels.gateway.config import GatewayConfig
-from fps_kernels.gateway.peek import OUTPUT, peek_legacy, peek_v1
+from fps_kernels.gateway.kernel import _size
+from fps_kernels.gateway.peek import OUTPUT, header_of, peek_legacy, peek_v1
+from fps_kernels.gateway.remembered import RememberedSpecs
 from fps_kernels.kernel_driver.wire import make_message_parts
 from fps_kernels.kernel_server.framing import (
     encode_legacy_binary,
@@ -38,6 +40,8 @@ from fps_kernels.registry import Registry
 from fps_kernels.routes import error_response
 
 from .conftest import free_port
+
+ANSWER_BOUND = 5.0  # seconds: ANSWER_WAIT (1 s) on a loaded machine, far below a timeout
 
 pytestmark = pytest.mark.anyio
 
@@ -73,19 +77,24 @@ class Host:
 
 
 class FakeGateway:
-    """An httpx transport answering like Kernel Gateway, recording what it was asked."""
+    """An httpx transport answering like Kernel Gateway, recording what it was asked; while
+    `hung`, it accepts requests and never answers."""
 
-    def __init__(self, post_delay: float = 0.0) -> None:
+    def __init__(self, post_delay: float = 0.0, hung: bool = False) -> None:
         self.post_delay = post_delay
         self.requests: list[tuple[str, str, Any]] = []
+        self.hung = hung
+        self.kernels: list[dict[str, Any]] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         self.requests.append((request.method, request.url.path, body))
+        while self.hung:
+            await asyncio.sleep(0.05)
         if request.method == "GET" and request.url.path == "/api/kernelspecs":
             return httpx.Response(200, json=SPECS)
         if request.method == "GET" and request.url.path == "/api/kernels":
-            return httpx.Response(200, json=[])
+            return httpx.Response(200, json=self.kernels)
         if request.method == "POST" and request.url.path == "/api/kernels":
             await asyncio.sleep(self.post_delay)
             return httpx.Response(201, json={"id": "late-kernel", "name": "python3"})
@@ -98,12 +107,21 @@ class FakeGateway:
 
 
 def provider(
-    transport: Any, monkeypatch: pytest.MonkeyPatch | None = None, **options: Any
+    transport: Any,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    state_dir: Path | None = None,
+    **options: Any,
 ) -> GatewayProvider:
-    url = f"http://127.0.0.1:{free_port()}"  # WebSockets find nobody there
+    url = options.pop("url", None) or f"http://127.0.0.1:{free_port()}"  # no WebSockets there
     config = KernelsPluginConfig(gateway={"url": url, "auth_token": "t0k", **options})
     context = ProviderContext(name="gateway", config=config, host=Host(), root_dir=Path.cwd())
-    return GatewayProvider(context, transport=httpx.MockTransport(transport))
+    return GatewayProvider(context, transport=httpx.MockTransport(transport), state_dir=state_dir)
+
+
+@pytest.fixture(autouse=True)
+def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernelspecs the providers keep go to the test's own directory."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
 
 
 # --- frames -------------------------------------------------------------------------------
@@ -170,8 +188,8 @@ async def test_transport_problems_become_503_and_504() -> None:
     config = GatewayConfig(url="http://gw.example:8888")
     for handler, kind, status, words in [
         (refuse, GatewayUnavailable, 503, "cannot be reached: Connection refused"),
-        (stall, GatewayTimeout, 504, "did not answer GET /api/kernels in time"),
-        (deny, GatewayRefused, 502, "with 401 Unauthorized: Unauthorized (check kernels.gate"),
+        (stall, GatewayTimeout, 504, "does not answer (GET /api/kernels: ReadTimeout)"),
+        (deny, GatewayRefused, 502, "with 401 Unauthorized (check kernels.gateway.auth_token"),
     ]:
         client = GatewayClient(config, httpx.MockTransport(handler))
         with pytest.raises(GatewayError) as raised:
@@ -341,3 +359,115 @@ async def test_registry_merges_kernel_types(tmp_path: Path) -> None:
     assert (await registry._provider_for("x-unlisted"))[1] is second
     with pytest.raises(KernelspecNotFound):
         await registry._provider_for("nope")
+
+
+# --- a gateway that does not answer -------------------------------------------------------
+
+
+async def timed(awaitable: Any) -> tuple[Any, float]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    result = await awaitable
+    return result, loop.time() - start
+
+
+async def test_a_hung_gateway_holds_nothing_up(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    healthy = FakeGateway()
+    first = provider(healthy, state_dir=tmp_path, url=url)
+    await first.start()
+    assert list(await first.kernelspecs()) == ["gw-python3"]
+    kernel = first._kernel("k1", "gw-python3", "python3")
+    healthy.kernels = [{"id": "k1", "name": "python3", "execution_state": "idle"}]
+    healthy.hung = True
+    _, took = await timed(first.refresh(max_age=0))
+    assert took < ANSWER_BOUND
+    assert "does not answer" in kernel.activity.reason, kernel.activity.reason
+    assert kernel.activity.reason.startswith("Kernel gateway problem: The kernel gateway at")
+    # A look that already hangs is not waited for again.
+    _, took = await timed(first.kernelspecs())
+    assert took < ANSWER_BOUND and list(await first.kernelspecs()) == ["gw-python3"]
+    with pytest.raises(GatewayTimeout, match="does not answer"):
+        await first.resource(first._types["gw-python3"], "logo-64x64.png")
+    deletes = len(healthy.deleted())
+    with pytest.raises(GatewayTimeout, match="does not answer"):
+        await first.terminate(kernel)  # at once: a DELETE would hang
+    assert len(healthy.deleted()) == deletes
+    healthy.hung = False  # it answers again: the reason goes
+    await first.refresh(max_age=0)
+    deadline = asyncio.get_running_loop().time() + 10
+    while kernel.activity.reason and asyncio.get_running_loop().time() < deadline:
+        await first.refresh(max_age=0)
+        await asyncio.sleep(0.1)
+    assert kernel.activity.reason == ""
+    await first.stop()
+    await first.close()
+
+    # A new start while the gateway hangs: within a second or so, with the kernelspecs the
+    # gateway gave last (kept on disk for its URL).
+    hung = FakeGateway(hung=True)
+    second = provider(hung, state_dir=tmp_path, url=url)
+    _, took = await timed(second.start())
+    assert took < ANSWER_BOUND
+    types, took = await timed(second.kernelspecs())
+    assert took < ANSWER_BOUND and list(types) == ["gw-python3"]
+    assert types["gw-python3"].spec["display_name"] == "Python 3 (ipykernel) (gateway)"
+    _, took = await timed(second.refresh())
+    assert took < ANSWER_BOUND
+    await second.stop()
+    await second.close()  # the looks still waiting are cancelled
+
+
+async def test_remembered_kernelspecs_are_checked(tmp_path: Path) -> None:
+    remembered = RememberedSpecs(tmp_path, "http://gw:1")
+    assert remembered.load() is None
+    remembered.save(SPECS)
+    assert remembered.path.stat().st_mode & 0o777 == 0o600
+    assert RememberedSpecs(tmp_path, "http://gw:1").load() == SPECS
+    assert RememberedSpecs(tmp_path, "http://gw:2").load() is None  # another gateway's file
+    other = RememberedSpecs(tmp_path, "http://gw:2")
+    other.path.write_text(json.dumps({"url": "http://gw:1", "kernelspecs": SPECS}))
+    assert other.load() is None  # not written for this URL
+    remembered.path.write_text("{broken")
+    assert RememberedSpecs(tmp_path, "http://gw:1").load() is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+async def test_enterprise_gateways_unauthorized_user_is_said_once() -> None:
+    words = (
+        "User 'root' is not authorized to start kernel 'Python 3'. Ensure KERNEL_USERNAME is "
+        "set to an appropriate value and retry the request."
+    )
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        # What Enterprise Gateway answers: the words as the reason phrase and in the body.
+        return httpx.Response(
+            403,
+            json={"reason": words, "message": ""},
+            extensions={"reason_phrase": words.encode()},
+        )
+
+    client = GatewayClient(GatewayConfig(url="http://eg:8888"), httpx.MockTransport(refuse))
+    with pytest.raises(GatewayRefused) as raised:
+        await client.request("POST", "/api/kernels", json={})
+    await client.close()
+    message = raised.value.message
+    assert message.count("is not authorized") == 1, message
+    assert message.startswith("The kernel gateway at http://eg:8888 answered POST /api/kernels")
+    assert "403 Forbidden: User 'root'" in message
+    assert message.endswith("e.g. --set kernels.gateway.env.KERNEL_USERNAME=NAME)"), message
+    assert "auth_token" not in message
+
+
+def test_the_header_of_a_refused_message_and_frame_sizes() -> None:
+    msg_id, parts = make_message_parts("execute_request", {"code": "x" * 100}, "s", {})
+    v1 = encode_v1("shell", parts)
+    assert header_of(v1, True)["msg_id"] == msg_id
+    text = encode_legacy_text("shell", parts, msg_id, "execute_request")
+    assert header_of(text, False)["msg_id"] == msg_id
+    binary = encode_legacy_binary("shell", parts, [b"buffer"], msg_id, "comm_msg")
+    assert header_of(binary, False)["msg_id"] == msg_id
+    assert header_of(b"junk", True) == {} and header_of("junk", False) == {}
+    assert _size("é" * 10, 100) == 10  # small: not encoded
+    assert _size("é" * 10, 30) == 20  # may be over: its UTF-8 bytes
+    assert _size(b"x" * 7, 1) == 7

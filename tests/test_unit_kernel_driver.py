@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from fps_kernels.kernel_driver.kernelspec import (
     InvalidKernelSpec,
     find_kernelspecs,
     load_kernelspec,
+    scan_kernelspecs,
+)
+from fps_kernels.kernel_driver.ownership import (
+    OWNER_KEY,
+    process_start,
+    remove_stale_connection_files,
 )
 from fps_kernels.kernel_driver.process import describe_exit
 from fps_kernels.registry import kernel_cwd
@@ -75,6 +82,63 @@ def test_first_directory_wins_and_broken_are_skipped(tmp_path: Path) -> None:
     specs = find_kernelspecs([high, low, tmp_path / "missing"])
     assert specs["k"].argv == ["high"]
     assert "broken" not in specs
+
+
+def test_broken_kernelspecs_are_kept_with_why_and_warned_once_per_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    high, low = tmp_path / "high", tmp_path / "low"
+    _spec(high, "shadowed", "{")  # broken, but a usable one of that name comes later
+    _spec(low, "shadowed", {"argv": ["low"]})
+    spec_file = _spec(high, "bad", {"display_name": "no argv"}) / "kernel.json"
+    caplog.set_level("WARNING")
+    for _ in range(3):
+        scan = scan_kernelspecs([high, low])
+    assert scan.specs["shadowed"].argv == ["low"]
+    assert set(scan.broken) == {"bad"}
+    assert scan.broken["bad"].path == spec_file
+    assert scan.broken["bad"].problem == "'argv' must be a non-empty list of strings"
+    bad_lines = [r for r in caplog.records if "Skipping kernelspec bad" in r.getMessage()]
+    assert len(bad_lines) == 1 and str(spec_file) in bad_lines[0].getMessage()
+    spec_file.write_text("[1, 2]")
+    scan_kernelspecs([high, low])
+    scan_kernelspecs([high, low])
+    bad_lines = [r for r in caplog.records if "Skipping kernelspec bad" in r.getMessage()]
+    assert len(bad_lines) == 2 and "not a JSON object" in bad_lines[1].getMessage()
+
+
+def test_only_our_files_of_servers_that_are_gone_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = {"pid": os.getpid(), "start": process_start(os.getpid())}
+    files = {
+        "kernel-gone.json": {"key": "k", OWNER_KEY: {"pid": gone.pid, "start": "x:1"}},
+        "kernel-reused.json": {"key": "k", OWNER_KEY: {**me, "start": "x:1"}},
+        "kernel-alive.json": {"key": "k", OWNER_KEY: me},
+        "kernel-foreign.json": {"key": "k"},
+        "kernel-odd.json": {"key": "k", OWNER_KEY: {"pid": "nope"}},
+        "other-gone.json": {"key": "k", OWNER_KEY: {"pid": gone.pid}},
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "kernel-notjson.json").write_text("{")
+    assert remove_stale_connection_files(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kernel-alive.json",
+        "kernel-foreign.json",
+        "kernel-notjson.json",
+        "kernel-odd.json",
+        "other-gone.json",
+    ]
+
+
+def test_our_connection_files_say_which_server_wrote_them(tmp_path: Path) -> None:
+    info = new_connection_info(PortAllocator(), "python3")
+    path = tmp_path / "kernel-x.json"
+    write_connection_file(path, info)
+    owner = json.loads(path.read_text())[OWNER_KEY]
+    assert owner == {"pid": os.getpid(), "start": process_start(os.getpid())}
+    assert remove_stale_connection_files(tmp_path) == 0 and path.exists()
 
 
 def test_connection_file_is_private_and_round_trips(tmp_path: Path) -> None:

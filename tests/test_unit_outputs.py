@@ -109,6 +109,10 @@ def test_common_prefix() -> None:
     assert common_prefix_length("abc", "abd") == 2
     assert common_prefix_length("", "x") == 0
     assert common_prefix_length("same", "same") == 4
+    assert common_prefix_length("abc", "abcdef") == 3
+    for at in (0, 1, 999_999, 1_000_000, 1_999_999):
+        long = "x" * 2_000_000
+        assert common_prefix_length(long, long[:at] + "y" + long[at + 1 :]) == at
     assert changed_from("l1\nl2\nabc", "l1\nl2\nabX\n") == 8
     assert changed_from("l1\nabc", "L1\nabc") == 0
 

@@ -15,12 +15,15 @@ from fps_kernels.kernel_driver.wire import DELIMITER, WireError, join_frames, sp
 from fps_kernels.kernel_server.activity import KernelActivity
 from fps_kernels.kernel_server.framing import (
     FrameError,
+    check_json,
     decode_legacy_binary,
     decode_legacy_text,
     decode_v1,
+    depth,
     encode_legacy_binary,
     encode_legacy_text,
     encode_v1,
+    has_lone_surrogate,
 )
 from fps_kernels.models import CreateSession, StartKernel, parse_body
 
@@ -199,3 +202,62 @@ def test_v1_buffers_are_views_of_the_frame() -> None:
     message = decode_v1(frame)
     assert isinstance(message.buffers[0], memoryview)
     assert bytes(message.buffers[0]) == b"x" * 1000
+
+
+# --- hostile JSON in frames -----------------------------------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DEEPISH = b"[" * 600 + b"]" * 600  # parses, but deeper than MAX_DEPTH
+BIG_INT = b"9" * 5000
+LONE = b'"\\udc00"'
+
+
+def _header_with(value: bytes) -> bytes:
+    return b'{"msg_id":"a","msg_type":"execute_request","x":' + value + b"}"
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (DEEP, "nested too deeply"),
+        (DEEPISH, "nested deeper than"),
+        (BIG_INT, "too many digits"),
+        (LONE, "lone UTF-16 surrogate"),
+        (b'"\\ud800x"', "lone UTF-16 surrogate"),
+    ],
+)
+def test_hostile_json_is_a_frame_error_on_both_protocols(value: bytes, words: str) -> None:
+    header = _header_with(value)
+    for part in range(4):
+        parts = [PARTS[0].replace(b"status", b"execute_request"), b"{}", b"{}", b"{}"]
+        parts[part] = header if part == 0 else b'{"x":' + value + b"}"
+        with pytest.raises(FrameError, match=words):
+            decode_v1(encode_v1("shell", parts))
+    message = b'{"header":' + header + b',"content":{}}'
+    with pytest.raises(FrameError, match=words):
+        decode_legacy_text(message.decode())
+    with pytest.raises(FrameError, match=words):
+        decode_legacy_binary(struct.pack(">2I", 1, 8) + message)
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
+    for value in [
+        b'"\\ud83d\\ude00"',
+        b'"\\\\ud800"',
+        b'"\\u00e9\\u0041"',
+        b"[" * 400 + b"]" * 400,
+    ]:
+        parts = [_header_with(value), b"{}", b"{}", b'{"x":' + value + b"}"]
+        assert decode_v1(encode_v1("shell", parts)).parts == parts
+        decode_legacy_text('{"header":' + parts[0].decode() + "}")
+
+
+def test_check_json_parses_only_what_could_hide_a_problem() -> None:
+    # small, no surrogate escape, few brackets: not parsed at all (even if invalid JSON:
+    # the kernel answers that; the server only guards against what makes it choke)
+    check_json(b'{"code": "print(1)" nonsense', "content")
+    assert depth({"a": [[1], {"b": []}]}) == 4 and depth(5) == 0
+    assert has_lone_surrogate(LONE, json.loads(LONE))
+    assert not has_lone_surrogate(b'"\\ud83d\\ude00"', "\U0001f600")
+    with pytest.raises(FrameError, match="too many digits"):
+        check_json(BIG_INT, "content")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -58,6 +59,15 @@ class FakeKernel:
         self.context.term()
 
 
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait for an event with a deadline of seconds (the machine may be loaded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 async def test_bad_signatures_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     info = new_connection_info(PortAllocator())
     kernel = FakeKernel(info)
@@ -67,22 +77,23 @@ async def test_bad_signatures_are_dropped_and_logged(caplog: pytest.LogCaptureFi
         await asyncio.wait_for(server.start(launch_kernel=False), 10)
         execute = {"msg_id": "e1", "msg_type": "execute_request"}
         busy = await kernel.publish(kernel.status("busy", execute))
-        await asyncio.sleep(0.2)
-        assert server.execution_state == "busy"
+        await _until(lambda: server.execution_state == "busy", "the busy status")
         caplog.set_level(logging.WARNING)
         idle = kernel.status("idle", execute)
         await kernel.publish(idle, signature=b"")  # unsigned
         await kernel.publish(idle, signature=b"0" * 64)  # wrong
         await kernel.iopub.send_multipart(busy)  # replayed
-        await asyncio.sleep(0.2)
+
+        def reasons() -> str:
+            return " ".join(r.getMessage() for r in caplog.records)
+
+        # Messages are read in order: once the last one is logged, all three were handled.
+        await _until(lambda: "duplicate signature" in reasons(), "the replayed one logged")
         assert server.execution_state == "busy"
-        reasons = " ".join(r.getMessage() for r in caplog.records)
-        assert "unsigned message" in reasons
-        assert "invalid signature" in reasons
-        assert "duplicate signature" in reasons
+        assert "unsigned message" in reasons()
+        assert "invalid signature" in reasons()
         await kernel.publish(idle)
-        await asyncio.sleep(0.2)
-        assert server.execution_state == "idle"
+        await _until(lambda: server.execution_state == "idle", "the idle status")
     finally:
         await server.stop()
         responder.cancel()

@@ -96,6 +96,22 @@ class Notebook:
     def status(self, cell_id: str) -> str | None:
         return self.cell(cell_id).get("execution_status")
 
+    def state(self, cell_id: str) -> str | None:
+        """JupyterLab 4.6's `execution_state` (what draws `[*]`); None when absent."""
+        return self.cell(cell_id).get("execution_state")
+
+    def watch_state(self, cell_id: str) -> list[str | None]:
+        """Every execution_state the cell takes from now on, None for a removal."""
+        seen: list[str | None] = []
+
+        def on_change(event: Any) -> None:
+            change = event.keys.get("execution_state")
+            if change is not None:
+                seen.append(change.get("newValue"))
+
+        self._subscriptions.append(self.cell(cell_id).observe(on_change))
+        return seen
+
     def is_done(self, cell_id: str) -> bool:
         return self.status(cell_id) == "idle"
 
@@ -112,7 +128,7 @@ class Notebook:
         return seen
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
+async def until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
     """Poll `predicate` until it is truthy; its value, or a failure after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -53,6 +54,27 @@ def gateway_message(status: int, reason: str, body: Any, text: str = "") -> str:
         message = text.strip().splitlines()[0]
     message = message or reason
     return message[:_MESSAGE_CHARS]
+
+
+def refusal(status: int, reason_phrase: str, message: str) -> str:
+    """An error answer in words: the status, the gateway's message (once: Enterprise Gateway
+    puts it in the reason phrase too) and what to do about it."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = reason_phrase if len(reason_phrase) < 40 else ""
+    words = f"{status} {phrase}".rstrip()
+    if message and message != phrase:
+        words = f"{words}: {message}"
+    if status == 403 and "KERNEL_USERNAME" in message:
+        # Enterprise Gateway refusing the user (`root` by default, EG_UNAUTHORIZED_USERS).
+        words += (
+            " (set KERNEL_USERNAME to a user it allows, e.g. "
+            "--set kernels.gateway.env.KERNEL_USERNAME=NAME)"
+        )
+    elif status in (401, 403):
+        words += " (check kernels.gateway.auth_token and kernels.gateway.headers)"
+    return words
 
 
 def _ws_ssl(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -120,8 +142,7 @@ class GatewayClient:
             )
         except httpx.TimeoutException as error:
             raise GatewayTimeout(
-                f"The kernel gateway at {self.url} did not answer {what} in time "
-                f"({type(error).__name__})"
+                f"The kernel gateway at {self.url} does not answer ({what}: {type(error).__name__})"
             ) from None
         except httpx.HTTPError as error:
             problem = str(error) or type(error).__name__
@@ -139,12 +160,9 @@ class GatewayClient:
             body = None
         status = response.status_code
         message = gateway_message(status, response.reason_phrase, body, response.text)
-        hint = ""
-        if status in (401, 403):
-            hint = " (check kernels.gateway.auth_token and kernels.gateway.headers)"
         return GatewayRefused(
-            f"The kernel gateway at {self.url} answered {what} with {status} "
-            f"{response.reason_phrase}: {message}{hint}",
+            f"The kernel gateway at {self.url} answered {what} with "
+            f"{refusal(status, response.reason_phrase, message)}",
             status,
         )
 
@@ -191,18 +209,15 @@ class GatewayClient:
             status = response.status_code
             body = response.body.decode(errors="replace") if response.body else ""
             message = gateway_message(status, response.reason_phrase, None, body)
-            hint = ""
-            if status in (401, 403):
-                hint = " (check kernels.gateway.auth_token and kernels.gateway.headers)"
             raise GatewayRefused(
-                f"{where} refused the kernel's WebSocket with {status} "
-                f"{response.reason_phrase}: {message}{hint}",
+                f"{where} refused the kernel's WebSocket with "
+                f"{refusal(status, response.reason_phrase, message)}",
                 status,
             ) from None
         except (TimeoutError, asyncio.TimeoutError):
             raise GatewayTimeout(
-                f"{where} did not open the kernel's WebSocket within "
-                f"{self.config.connect_timeout:g} s"
+                f"{where} does not answer (the kernel's WebSocket was not opened within "
+                f"{self.config.connect_timeout:g} s)"
             ) from None
         except (OSError, InvalidHandshake, InvalidURI) as error:
             raise GatewayUnavailable(

@@ -66,6 +66,12 @@ class GatewayConfig(BaseModel):
     poll_interval: float = Field(
         default=10.0, gt=0, description="Seconds between two looks at the gateway's kernels."
     )
+    max_message_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=0,
+        description="Largest client message sent to the gateway (Kernel Gateway and "
+        "Enterprise Gateway refuse more than 10 MiB); 0: no check here.",
+    )
     retry_max: int = Field(
         default=5, ge=0, description="Attempts to reconnect a WebSocket the gateway dropped."
     )

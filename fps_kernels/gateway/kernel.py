@@ -11,6 +11,10 @@ tells its client (a stderr line in the running cell) and reconnects with back-of
 client's socket stays open meanwhile, and what it sends waits. If the kernel is gone from the
 gateway, clients get `status: dead` and a normal close; after `retry_max` failed attempts,
 a close with 1011.
+
+A client message the gateway cannot take (over `max_message_bytes`, checked here, or refused
+by the gateway with close code 1009) is never sent again: the client is told in its cell and
+its socket closed with 1009; the kernel and its other clients go on.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ..kernel_server.messages import server_message
 from ..kernel_server.transport import allow_large_messages
 from .client import GatewayClient, GatewayRefused
 from .config import GatewayConfig
-from .peek import Glance, peek
+from .peek import Glance, header_of, peek
 
 if TYPE_CHECKING:
     from ..kernel_driver.kernelspec import KernelSpec
@@ -47,6 +51,7 @@ _STATES: tuple[ExecutionState, ...] = ("starting", "idle", "busy", "restarting",
 #: Close code for a WebSocket to a kernel that is not there (4000 + HTTP 404).
 WS_KERNEL_GONE = 4004
 WS_GATEWAY_LOST = 1011
+WS_TOO_BIG = 1009
 #: Seconds a restart may take beyond launch_timeout.
 LAUNCH_PAD = 2.0
 _CLIENT_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
@@ -363,6 +368,9 @@ class _Bridge:
         self._ready.set()
         self._send_lock = asyncio.Lock()
         self._closing = False
+        #: The last frame sent to the gateway: the one it refuses when it closes with 1009
+        #: (read for the notice's cell only then).
+        self._last_sent: bytes | str | None = None
 
     async def run(self) -> None:
         to_gateway = asyncio.create_task(self._client_to_gateway())
@@ -401,20 +409,58 @@ class _Bridge:
             frame: bytes | str | None = event.get("bytes")
             if frame is None:
                 frame = event.get("text")
-            if frame is not None:
-                await self._to_gateway(frame)
+            if frame is not None and not await self._to_gateway(frame):
+                return
 
-    async def _to_gateway(self, frame: bytes | str) -> None:
+    async def _to_gateway(self, frame: bytes | str) -> bool:
+        """Send a client's frame to the gateway, once it is connected; False when the bridge
+        is over."""
+        limit = self.kernel.config.max_message_bytes
+        if limit and _size(frame, limit) > limit:
+            await self._too_large(
+                frame,
+                f"{_size(frame, limit)} bytes, over the gateway's limit of {limit} "
+                "(kernels.gateway.max_message_bytes)",
+            )
+            return False
         while True:
             await self._ready.wait()  # while reconnecting, what the client sends waits
+            if self._closing:
+                return False
             upstream = self._upstream
+            self._last_sent = frame
             try:
                 await upstream.send(frame)
-                return
-            except ConnectionClosed:
+                return True
+            except ConnectionClosed as closed:
+                if _too_big(closed):
+                    await self._too_large(frame, "the gateway closed with 1009")
+                    return False
                 if self._upstream is upstream:
                     self._ready.clear()  # the reader reconnects and sets it again
                     await asyncio.sleep(0.05)
+
+    async def _too_large(self, frame: bytes | str | None, why: str) -> None:
+        """The gateway cannot take `frame`: tell the client (in the cell that sent it) and
+        close its socket with 1009, never sending the frame again."""
+        if self._closing:
+            return
+        kernel = self.kernel
+        logger.warning(
+            "Gateway kernel %s: a message of client %s is too large for the kernel gateway "
+            "(%s): closing its WebSocket with 1009",
+            kernel.kernel_id,
+            self.session_id,
+            why,
+        )
+        parent = header_of(frame, self.protocol == "v1") if frame is not None else {}
+        notice = (
+            f"The message was too large for the kernel gateway ({why}): it was not sent. "
+            "The kernel keeps running; the connection is reopened."
+        )
+        await self.shutdown(
+            notice, WS_TOO_BIG, "Message too large for the kernel gateway", None, parent
+        )
 
     # --- gateway → client ------------------------------------------------------------------
 
@@ -428,6 +474,9 @@ class _Bridge:
                     if not await self._send(frame):
                         return
             except ConnectionClosed as closed:
+                if _too_big(closed):
+                    await self._too_large(self._last_sent, "the gateway closed with 1009")
+                    return
                 cause = _describe_close(closed)
             if self._closing or self.kernel.closed:
                 return
@@ -447,8 +496,14 @@ class _Bridge:
             return False
         return True
 
-    async def _tell(self, text: str | None, state: ExecutionState | None = None) -> None:
-        """A stderr line (in the running cell) and/or a status, made by this server."""
+    async def _tell(
+        self,
+        text: str | None,
+        state: ExecutionState | None = None,
+        parent: dict[str, Any] | None = None,
+    ) -> None:
+        """A stderr line (in `parent`'s cell, by default the running one) and/or a status,
+        made by this server."""
         messages = []
         if text:
             messages.append(
@@ -457,7 +512,7 @@ class _Bridge:
                     "stream",
                     {"name": "stderr", "text": f"[fps_kernels] {text}\n"},
                     self.kernel.session,
-                    self.kernel.running_cell,
+                    parent or self.kernel.running_cell,
                 )
             )
         if state is not None:
@@ -532,17 +587,32 @@ class _Bridge:
         code: int,
         reason: str,
         state: ExecutionState | None = "dead",
+        parent: dict[str, Any] | None = None,
     ) -> None:
         """Tell the client `notice` and `state`, then close both sockets."""
         if self._closing:
             return
         self._closing = True
-        await self._tell(notice, state)
+        self._ready.set()  # a sender waiting for a reconnection sees the bridge is over
+        await self._tell(notice, state, parent)
         try:
             await self.websocket.close(code=code, reason=reason)
         except _CLIENT_ERRORS as error:
             logger.debug("Client %s was already gone: %r", self.session_id, error)
         await self.close_upstream()
+
+
+def _too_big(closed: ConnectionClosed) -> bool:
+    """Whether the gateway closed because a message was over its size limit."""
+    return closed.rcvd is not None and closed.rcvd.code == WS_TOO_BIG
+
+
+def _size(frame: bytes | str, limit: int) -> int:
+    """A frame's size in bytes, exact when over `limit` (a text frame is only encoded when
+    it may be)."""
+    if isinstance(frame, bytes) or 4 * len(frame) <= limit:
+        return len(frame)
+    return len(frame.encode())
 
 
 def _describe_close(closed: ConnectionClosed) -> str:

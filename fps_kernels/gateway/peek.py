@@ -105,3 +105,26 @@ def peek(frame: bytes | str, v1: bool) -> Glance | None:
     if v1:
         return peek_v1(frame) if isinstance(frame, bytes) else None
     return peek_legacy(frame)
+
+
+def header_of(frame: bytes | str, v1: bool) -> dict[str, Any]:
+    """The header of a client's message ({} if it has none): the parent of a notice about it.
+    Parses the whole of a legacy frame: for rare frames only (one refused by the gateway)."""
+    if v1:
+        if not isinstance(frame, bytes):
+            return {}
+        try:
+            _channel, pieces = split_v1(frame)
+        except FrameError:
+            return {}
+        return _object(bytes(pieces[0]))
+    if isinstance(frame, str):
+        message = _object(frame)
+    else:
+        try:
+            body, _buffers = split_legacy_binary(frame)
+        except FrameError:
+            return {}
+        message = _object(bytes(body))
+    header = message.get("header")
+    return header if isinstance(header, dict) else {}

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .ownership import OWNER_KEY, this_server
+
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 _PORT = Field(ge=1, le=65535)
 
@@ -69,6 +71,8 @@ def read_connection_file(path: str | os.PathLike[str]) -> ConnectionInfo:
 def parse_connection_info(data: Any, origin: str = "connection info") -> ConnectionInfo:
     if not isinstance(data, dict):
         raise InvalidConnectionFile(f"{origin} is not a JSON object")
+    # Which server wrote the file is about the file, not the connection.
+    data = {key: value for key, value in data.items() if key != OWNER_KEY}
     try:
         return ConnectionInfo.model_validate(data)
     except ValidationError as error:
@@ -80,14 +84,16 @@ def parse_connection_info(data: Any, origin: str = "connection info") -> Connect
 
 
 def write_connection_file(path: str | os.PathLike[str], info: ConnectionInfo) -> None:
-    """Write atomically with mode 0600, so the key is never readable by others, even briefly."""
+    """Write atomically with mode 0600, so the key is never readable by others, even briefly.
+    The file says which server wrote it (OWNER_KEY), so that a later start can remove it if
+    this server dies without doing so."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(info.model_dump(exclude_none=True), f, indent=2)
+            json.dump({**info.model_dump(exclude_none=True), OWNER_KEY: this_server()}, f, indent=2)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

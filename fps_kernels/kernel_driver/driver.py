@@ -9,6 +9,12 @@ and its execution count comes from the reply.
 Comm messages go to a WidgetHost (fps-yjs's widget manager), so that collaborative widgets
 created by server-side cells live in Y documents shared with every client.
 
+An execution may also have an `ExecutionObserver` (a request of the jupyter-server-nbmodel
+protocol, nbmodel.py) that gets its outputs, its `input()` prompts and its end, with or without
+a cell: such executions are sent with `allow_stdin`, and the driver's stdin socket (connected,
+its handshake done, before anything is sent) takes the kernel's `input_request`s; `send_input`
+answers them.
+
 When the kernel restarts or dies, `kernel_lost` marks the running cell and every queued one
 with an error output and closes the sockets; the next cell opens new ones, so it runs on
 the new kernel.
@@ -26,18 +32,20 @@ from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .connection import ConnectionInfo
 from .outputs import CellOutputs, DisplayMap, OutputSink, widget_model_id
 from .signing import ReplayGuard, SignatureError, Signer
 from .wire import WireError, join_frames, make_header, new_session_id, pack, split_frames, unpack
-from .ycell import SharedCell
+from .ycell import CellGone, SharedCell
 
 logger = logging.getLogger(__name__)
 
 _INFO_RETRY = 0.5
 _COMM_TYPES = ("comm_open", "comm_msg", "comm_close")
 _OUTPUT_MESSAGES = ("stream", "display_data", "execute_result", "error", "clear_output")
+_CHANNELS = ("shell", "iopub", "stdin")
 
 
 class DriverError(RuntimeError):
@@ -52,6 +60,30 @@ class CellKey:
 
 #: Finds a cell of a shared document again (for display updates), None if it is gone.
 CellResolver = Callable[[CellKey], SharedCell | None]
+#: Returns when writing into the cell's document is safe (not while its file is written).
+QuietGate = Callable[[CellKey], Awaitable[None]]
+
+
+class ExecutionObserver(Protocol):
+    """Who wants to know how an execution goes, besides its cell (nbmodel.py's Request)."""
+
+    def started(self) -> None: ...
+
+    def output(self, msg_type: str, content: dict[str, Any]) -> None: ...
+
+    def update_display(self, content: dict[str, Any]) -> None: ...
+
+    def input_requested(self, header: dict[str, Any], content: dict[str, Any]) -> None: ...
+
+    def input_answered(self) -> None: ...
+
+    def finished_with(self, reply: dict[str, Any]) -> None: ...
+
+    def failed(self, ename: str, evalue: str, started: bool) -> None: ...
+
+
+class NoPendingInput(DriverError):
+    """An input was sent while the kernel waits for none."""
 
 
 class WidgetHost(Protocol):
@@ -98,16 +130,25 @@ class _Message:
 
 @dataclass(eq=False)
 class _Execution:
-    key: CellKey
-    cell: SharedCell
-    outputs: CellOutputs
+    key: CellKey | None
+    cell: SharedCell | None
+    outputs: CellOutputs | None
     code: str
+    observer: ExecutionObserver | None = None
+    on_end: Callable[[], None] | None = None
     msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: bool = False
     reply: dict[str, Any] | None = None
     idle: bool = False
     # Run again before it finished: as in JupyterLab, only the newest run writes the cell.
     superseded: bool = False
+    ended: bool = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            if self.observer is not None:
+                self.observer.started()
 
 
 @dataclass(frozen=True)
@@ -117,6 +158,7 @@ class _Outgoing:
     buffers: list[bytes]
     metadata: dict[str, Any]
     msg_id: str | None = None
+    parent_header: dict[str, Any] | None = None
 
 
 class WidgetComm:
@@ -152,8 +194,10 @@ class KernelDriver:
         accepting: Callable[[], Awaitable[None]] | None = None,
         ready_timeout: float = 60.0,
         name: str = "",
+        quiet: QuietGate | None = None,
     ) -> None:
         self.connection_info = connection_info
+        self._quiet = quiet
         self.name = name or "kernel"
         self._resolve = resolve
         self._widgets = widgets
@@ -174,25 +218,63 @@ class KernelDriver:
         self._iopub_seen = asyncio.Event()
         self._replay_guard = ReplayGuard()
         self._closed = False
+        self._input_parent: dict[str, Any] | None = None
+        self._input_for: _Execution | None = None
 
     # --- what the service calls ----------------------------------------------------------
 
-    def submit(self, key: CellKey, cell: SharedCell) -> None:
-        """Queue a code cell: it is cleared and marked running now, and run in its turn."""
+    def submit(
+        self,
+        key: CellKey | None,
+        cell: SharedCell | None,
+        *,
+        code: str | None = None,
+        observer: ExecutionObserver | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> bool:
+        """Queue code (a cell's source unless given): the cell is cleared and marked running
+        now, and run in its turn. False when there was nothing to send (an empty cell is
+        cleared, as JupyterLab does); `on_end` is called once the execution ended, however."""
         if self._closed:
             raise DriverError("this kernel driver is closed")
-        code = cell.source
-        for earlier in self._executions():
-            if earlier.key == key:
-                earlier.superseded = True
-        self.displays.forget_cell(key)
-        outputs = CellOutputs(cell.outputs(), key, self.displays)
+        if code is None:
+            code = cell.source if cell is not None else ""
+        outputs = None
+        if key is not None and cell is not None:
+            for earlier in self._executions():
+                if earlier.key == key:
+                    earlier.superseded = True
+            self.displays.forget_cell(key)
+            outputs = CellOutputs(cell.outputs(), key, self.displays)
         if not code.strip():
             # As JupyterLab: an empty cell is cleared, not sent to the kernel.
-            cell.begin(running=False)
-            return
-        cell.begin()
-        self._queue.append(_Execution(key=key, cell=cell, outputs=outputs, code=code))
+            if cell is not None:
+                cell.begin(running=False)
+            if observer is not None:
+                observer.finished_with({"status": "ok", "execution_count": None})
+            if on_end is not None:
+                on_end()
+            return False
+        if cell is not None:
+            cell.begin()
+        execution = _Execution(
+            key=key, cell=cell, outputs=outputs, code=code, observer=observer, on_end=on_end
+        )
+        self._queue.append(execution)
+        self._start_sender()
+        return True
+
+    def send_input(self, value: str) -> None:
+        """Answer the kernel's pending `input()`; NoPendingInput when there is none."""
+        parent, execution = self._input_parent, self._input_for
+        if parent is None or execution is None:
+            raise NoPendingInput("the kernel is not waiting for an input")
+        self._input_parent = self._input_for = None
+        if execution.observer is not None:
+            execution.observer.input_answered()
+        self._queue.appendleft(
+            _Outgoing("input_reply", {"value": value}, [], {}, parent_header=parent)
+        )
         self._start_sender()
 
     def post(
@@ -213,13 +295,17 @@ class KernelDriver:
 
         The running cell gets an error `ename: running`, each queued one `ename: queued`.
         """
-        executions = [e for e in self._executions() if not e.superseded]
+        every = self._executions()
+        executions = [e for e in every if not e.superseded]
         self._sent.clear()
         self._queue.clear()
+        self._input_parent = self._input_for = None
         self._disconnect()
         for execution in executions:
             message = running if execution.started else queued
             self._fail(execution, ename, message)
+        for execution in every:
+            self._end(execution)
         if executions:
             logger.info(
                 "Kernel %s: %d server-side execution(s) ended: %s",
@@ -248,14 +334,32 @@ class KernelDriver:
         return list(self._sent.values()) + queued
 
     def _fail(self, execution: _Execution, ename: str, evalue: str) -> None:
-        execution.outputs.add_error(ename, evalue)
-        execution.cell.finish(None)
+        if execution.outputs is not None and execution.cell is not None:
+            try:
+                execution.outputs.add_error(ename, evalue)
+            except CellGone:
+                pass  # deleted meanwhile: said once when it ends
+            execution.cell.finish(None)
+        if execution.observer is not None:
+            execution.observer.failed(ename, evalue, execution.started)
+
+    def _end(self, execution: _Execution) -> None:
+        if execution.ended:
+            return
+        execution.ended = True
+        if self._input_for is execution:
+            self._input_parent = self._input_for = None
+        if execution.on_end is not None:
+            try:
+                execution.on_end()
+            except Exception:
+                logger.exception("Kernel %s: an end-of-execution callback failed", self.name)
 
     def _sink_for(self, key: Hashable) -> OutputSink | None:
         if not isinstance(key, CellKey):
             return None
         running = next((e for e in self._sent.values() if e.key == key and not e.superseded), None)
-        if running is not None:
+        if running is not None and running.outputs is not None:
             return running.outputs.sink
         cell = self._resolve(key)
         return cell.outputs() if cell is not None else None
@@ -265,10 +369,12 @@ class KernelDriver:
         if reply is None or (not execution.idle and reply.get("status") != "aborted"):
             return
         self._sent.pop(execution.msg_id, None)
-        if execution.superseded:
-            return
-        count = reply.get("execution_count")
-        execution.cell.finish(count if isinstance(count, int) else None)
+        if execution.observer is not None:
+            execution.observer.finished_with(reply)
+        if not execution.superseded and execution.cell is not None:
+            count = reply.get("execution_count")
+            execution.cell.finish(count if isinstance(count, int) else None)
+        self._end(execution)
 
     # --- ZMQ -------------------------------------------------------------------------------
 
@@ -309,15 +415,21 @@ class KernelDriver:
                 "silent": False,
                 "store_history": True,
                 "user_expressions": {},
-                "allow_stdin": False,  # input() fails at once with a clear error
+                # Only a client that polls its request can answer input(); elsewhere it fails
+                # at once with a clear error instead of hanging.
+                "allow_stdin": item.observer is not None,
                 "stop_on_error": True,
             }
             self._sent[item.msg_id] = item
             await self._send_message(
                 "execute_request",
                 content,
-                metadata={"cellId": item.key.cell_id},
+                metadata={"cellId": item.key.cell_id} if item.key is not None else {},
                 msg_id=item.msg_id,
+            )
+        elif item.msg_type == "input_reply":
+            await self._send_message(
+                item.msg_type, item.content, channel="stdin", parent=item.parent_header
             )
         else:
             await self._send_message(item.msg_type, item.content, item.buffers, item.metadata)
@@ -329,39 +441,50 @@ class KernelDriver:
         buffers: list[bytes] | None = None,
         metadata: dict[str, Any] | None = None,
         msg_id: str | None = None,
+        channel: str = "shell",
+        parent: dict[str, Any] | None = None,
     ) -> str:
         header = make_header(msg_type, self._session)
         if msg_id is not None:
             header["msg_id"] = msg_id
-        parts = [pack(header), pack({}), pack(metadata or {}), pack(content)]
-        sock = self._sockets.get("shell")
+        parts = [pack(header), pack(parent or {}), pack(metadata or {}), pack(content)]
+        sock = self._sockets.get(channel)
         if sock is None:
             raise DriverError("not connected to the kernel")
         await sock.send_multipart(join_frames(parts, buffers or [], self._signer), copy=False)
         return str(header["msg_id"])
 
-    def _open_sockets(self) -> None:
+    def _open_sockets(self) -> zmq.asyncio.Socket:
+        """Open shell, iopub and stdin; the monitor of stdin's handshake."""
         context = zmq.asyncio.Context.instance()
         info = self.connection_info
-        for channel in ("shell", "iopub"):
+        # The kernel sends input_request on stdin to the identity that sent the request on
+        # shell: both sockets carry the same one.
+        identity = uuid.uuid4().hex.encode()
+        monitor: zmq.asyncio.Socket | None = None
+        for channel in _CHANNELS:
             sock = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             if channel == "iopub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
                 sock.setsockopt(zmq.RCVHWM, 0)
             else:
-                sock.setsockopt(zmq.IDENTITY, uuid.uuid4().hex.encode())
+                sock.setsockopt(zmq.IDENTITY, identity)
             if info.curve_publickey and info.curve_secretkey:
                 # CurveZMQ, as the kernel server's own sockets (the kernel holds the same pair).
                 sock.curve_secretkey = info.curve_secretkey.encode()
                 sock.curve_publickey = info.curve_publickey.encode()
                 sock.curve_serverkey = info.curve_publickey.encode()
+            if channel == "stdin":
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             sock.connect(info.url(channel))
             self._sockets[channel] = sock
-        for channel in ("shell", "iopub"):
+        for channel in _CHANNELS:
             task = asyncio.create_task(self._read(channel))
             self._readers.add(task)
             task.add_done_callback(self._reader_done)
+        assert monitor is not None
+        return monitor
 
     def _reader_done(self, task: asyncio.Task[None]) -> None:
         self._readers.discard(task)
@@ -371,12 +494,15 @@ class KernelDriver:
     async def _connect(self) -> None:
         """Open the sockets and return once the kernel answered and iopub reaches us."""
         self._disconnect()
-        self._open_sockets()
+        monitor = self._open_sockets()
         self._iopub_seen.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ready_timeout
         replied = loop.create_future()
         try:
+            # A kernel answers input() on stdin only to a peer it knows: without this, an
+            # input() in the first request could be sent before stdin is connected, and lost.
+            await self._handshake(monitor, deadline)
             while not (replied.done() and self._iopub_seen.is_set()):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -402,6 +528,26 @@ class KernelDriver:
         self._connected = True
         logger.info("Kernel %s: server-side execution connected", self.name)
 
+    async def _handshake(self, monitor: zmq.asyncio.Socket, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DriverError(
+                        f"the kernel's stdin did not connect within {self._ready_timeout:g} s"
+                    )
+                if not await monitor.poll(timeout=remaining * 1000):
+                    continue
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return
+        finally:
+            stdin = self._sockets.get("stdin")
+            if stdin is not None:
+                stdin.disable_monitor()
+            monitor.close(linger=0)
+
     def _disconnect(self) -> None:
         self._connected = False
         for task in list(self._readers):
@@ -423,8 +569,13 @@ class KernelDriver:
                 if channel == "iopub":
                     self._iopub_seen.set()
                     await self._on_iopub(message)
+                elif channel == "stdin":
+                    self._on_stdin(message)
                 else:
-                    self._on_shell(message)
+                    await self._on_shell(message)
+            except CellGone as error:
+                # A display update aimed at a cell deleted meanwhile: nowhere to go.
+                logger.debug("Kernel %s: a %s for a deleted cell: %r", self.name, channel, error)
             except Exception:
                 # A bad message or a failing widget must not stop the cells that follow.
                 logger.exception(
@@ -445,7 +596,11 @@ class KernelDriver:
             return None
         return _Message(header, parent, metadata, content, [bytes(b) for b in wire.buffers])
 
-    def _on_shell(self, message: _Message) -> None:
+    async def _settle(self, execution: _Execution) -> None:
+        if self._quiet is not None and execution.key is not None and execution.cell is not None:
+            await self._quiet(execution.key)
+
+    async def _on_shell(self, message: _Message) -> None:
         parent_id = message.parent_id
         if parent_id is None:
             return
@@ -456,8 +611,21 @@ class KernelDriver:
             return
         execution = self._sent.get(parent_id)
         if execution is not None and message.msg_type == "execute_reply":
+            await self._settle(execution)
             execution.reply = message.content
             self._maybe_finish(execution)
+
+    def _on_stdin(self, message: _Message) -> None:
+        parent_id = message.parent_id
+        execution = self._sent.get(parent_id) if parent_id is not None else None
+        if message.msg_type != "input_request" or execution is None:
+            return
+        if execution.observer is None:
+            logger.warning("Kernel %s: an input_request nobody can answer", self.name)
+            return
+        self._input_parent = message.header
+        self._input_for = execution
+        execution.observer.input_requested(message.header, message.content)
 
     async def _on_iopub(self, message: _Message) -> None:
         msg_type = message.msg_type
@@ -466,29 +634,43 @@ class KernelDriver:
             return
         if msg_type == "update_display_data":
             self.displays.update(message.content, self._sink_for)
+            for running in self._sent.values():
+                if running.observer is not None:
+                    running.observer.update_display(message.content)
             return
         parent_id = message.parent_id
         execution = self._sent.get(parent_id) if parent_id is not None else None
         if execution is None:
             return
+        await self._settle(execution)
         if msg_type == "status":
             state = message.content.get("execution_state")
             if state == "busy":
-                execution.started = True
+                execution.start()
             elif state == "idle":
                 execution.idle = True
                 self._maybe_finish(execution)
             return
         if msg_type == "execute_input":
-            execution.started = True
+            execution.start()
             return
-        if msg_type not in _OUTPUT_MESSAGES or execution.superseded:
+        if msg_type not in _OUTPUT_MESSAGES:
+            return
+        if execution.observer is not None:
+            execution.observer.output(msg_type, message.content)
+        if execution.superseded or execution.outputs is None:
             return
         if self._widgets is not None and msg_type in ("display_data", "execute_result"):
             model_id = widget_model_id(message.content)
             if model_id is not None:
                 await self._widgets.share(model_id)
-        execution.outputs.apply(msg_type, message.content)
+        try:
+            execution.outputs.apply(msg_type, message.content)
+        except CellGone as error:
+            # The cell was deleted meanwhile: its outputs have nowhere to go; the service
+            # says so once, when the cell ends.
+            logger.debug("Kernel %s: outputs of a deleted cell dropped: %r", self.name, error)
+            execution.outputs = None
 
     def _on_comm(self, message: _Message) -> None:
         if self._widgets is None:

@@ -22,7 +22,12 @@ _PYTHON_COMMAND = re.compile(r"^python(3(\.\d+)?)?$")
 
 
 class InvalidKernelSpec(ValueError):
-    """A kernel.json that cannot be used."""
+    """A kernel.json that cannot be used: `path` is the file, `problem` what is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,23 +98,23 @@ def load_kernelspec(resource_dir: Path, name: str | None = None) -> KernelSpec:
     try:
         data = json.loads(spec_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidKernelSpec(f"{spec_file}: {error}") from None
+        raise InvalidKernelSpec(spec_file, _read_problem(error)) from None
     if not isinstance(data, dict):
-        raise InvalidKernelSpec(f"{spec_file}: not a JSON object")
+        raise InvalidKernelSpec(spec_file, "not a JSON object")
     argv = data.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise InvalidKernelSpec(f"{spec_file}: 'argv' must be a non-empty list of strings")
+        raise InvalidKernelSpec(spec_file, "'argv' must be a non-empty list of strings")
     env = data.get("env") or {}
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
-        raise InvalidKernelSpec(f"{spec_file}: 'env' must map strings to strings")
+        raise InvalidKernelSpec(spec_file, "'env' must map strings to strings")
     interrupt_mode = data.get("interrupt_mode", "signal")
     if interrupt_mode not in ("signal", "message"):
-        raise InvalidKernelSpec(f"{spec_file}: 'interrupt_mode' must be 'signal' or 'message'")
+        raise InvalidKernelSpec(spec_file, "'interrupt_mode' must be 'signal' or 'message'")
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise InvalidKernelSpec(f"{spec_file}: 'metadata' must be an object")
+        raise InvalidKernelSpec(spec_file, "'metadata' must be an object")
     spec_name = name or resource_dir.name
     return KernelSpec(
         name=spec_name,
@@ -124,14 +129,51 @@ def load_kernelspec(resource_dir: Path, name: str | None = None) -> KernelSpec:
     )
 
 
+def _read_problem(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error})"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error})"
+    return (
+        f"cannot be read ({error.strerror or error})" if isinstance(error, OSError) else str(error)
+    )
+
+
 def kernelspec_dirs() -> list[Path]:
     """Where kernelspecs live, highest priority first (JUPYTER_PATH, user, sys.prefix, system)."""
     return [Path(p) for p in jupyter_path("kernels")]
 
 
-def find_kernelspecs(dirs: list[Path] | None = None) -> dict[str, KernelSpec]:
-    """Every usable kernelspec by name; the first directory that has a name wins."""
-    specs: dict[str, KernelSpec] = {}
+@dataclass(slots=True)
+class KernelspecScan:
+    """What the Jupyter path holds: the usable kernelspecs, and the broken ones (names no
+    usable kernelspec has), each with why."""
+
+    specs: dict[str, KernelSpec] = field(default_factory=dict)
+    broken: dict[str, InvalidKernelSpec] = field(default_factory=dict)
+
+
+# The kernel.json files already warned about, with the (mtime, size) they had then: kernelspecs
+# are looked up on every request, and a broken one is worth one log line per change, not one
+# per request.
+_warned: dict[Path, tuple[int, int]] = {}
+
+
+def _warn_once(name: str, error: InvalidKernelSpec) -> None:
+    try:
+        stat = error.path.stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = (-1, -1)
+    if _warned.get(error.path) == version:
+        return
+    _warned[error.path] = version
+    logger.warning("Skipping kernelspec %s: %s", name, error)
+
+
+def scan_kernelspecs(dirs: list[Path] | None = None) -> KernelspecScan:
+    """Every kernelspec by name; the first directory with a usable one of a name wins."""
+    scan = KernelspecScan()
     for kernels_dir in dirs if dirs is not None else kernelspec_dirs():
         try:
             entries = sorted(kernels_dir.iterdir())
@@ -139,15 +181,25 @@ def find_kernelspecs(dirs: list[Path] | None = None) -> dict[str, KernelSpec]:
             continue
         for entry in entries:
             name = entry.name.lower()
-            if name in specs or not _VALID_NAME.match(name):
+            if name in scan.specs or not _VALID_NAME.match(name):
                 continue
             if not (entry / KERNEL_JSON).is_file():
                 continue
             try:
-                specs[name] = load_kernelspec(entry, name)
+                scan.specs[name] = load_kernelspec(entry, name)
             except InvalidKernelSpec as error:
-                logger.warning("Skipping kernelspec %s: %s", name, error)
-    return specs
+                _warn_once(name, error)
+                scan.broken.setdefault(name, error)
+            else:
+                _warned.pop(entry / KERNEL_JSON, None)
+    for name in scan.specs:
+        scan.broken.pop(name, None)
+    return scan
+
+
+def find_kernelspecs(dirs: list[Path] | None = None) -> dict[str, KernelSpec]:
+    """Every usable kernelspec by name (broken ones are logged once per change and left out)."""
+    return scan_kernelspecs(dirs).specs
 
 
 def find_kernelspec(name: str, dirs: list[Path] | None = None) -> KernelSpec | None:

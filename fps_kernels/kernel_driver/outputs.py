@@ -94,11 +94,18 @@ def changed_from(old: str, new: str) -> int:
 
 
 def common_prefix_length(a: str, b: str) -> int:
+    # Slices compare at C speed: a character loop took seconds per chunk on a long line.
     size = min(len(a), len(b))
-    index = 0
-    while index < size and a[index] == b[index]:
-        index += 1
-    return index
+    if a[:size] == b[:size]:
+        return size
+    low, high = 0, size  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -223,6 +230,9 @@ class CellOutputs:
         self.displays = displays
         self._stream_name = ""  # the name of the stream output last added, "" if none
         self._cursor = 0  # where the terminal cursor is in that stream's text
+        # Where that stream output is: another writer of the cell (a page echoing what was
+        # typed for input()) may add outputs after it, and those are not merged into.
+        self._stream_index = -1
         self._clear_next = False
 
     def forget(self) -> None:
@@ -272,7 +282,7 @@ class CellOutputs:
         name = output["name"]
         last = len(self.sink) - 1
         current = self.sink.stream_text(last) if last >= 0 else None
-        if name == self._stream_name and current is not None:
+        if name == self._stream_name and current is not None and last == self._stream_index:
             text, self._cursor = write_terminal(current, self._cursor, output["text"])
             keep = changed_from(current, text)
             if keep != len(current) or keep != len(text):
@@ -281,3 +291,4 @@ class CellOutputs:
         output["text"], self._cursor = write_terminal("", 0, output["text"])
         self.sink.append(output)
         self._stream_name = name
+        self._stream_index = len(self.sink) - 1

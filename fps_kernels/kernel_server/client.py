@@ -77,6 +77,12 @@ class ClientConnection:
         self.protocol: Protocol = "v1"
         self._queue: deque[_Item] = deque()
         self._queued_bytes = 0
+        # The head of the queue while a socket writes it: it leaves the queue only once the
+        # write returned, and nothing is merged into it meanwhile (what was written is final).
+        self._in_flight: _Item | None = None
+        # One writer at a time: a replaced socket's writer may still be in a write.
+        self._writing = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._close_with: tuple[int, str] | None = None
         self._done = asyncio.Event()
@@ -114,7 +120,7 @@ class ClientConnection:
     def _merge(self, message: KernelMessage) -> bool:
         """Fold a stream message into the last queued one of the same parent and name."""
         last = self._queue[-1]
-        if isinstance(last, DropNotice):
+        if isinstance(last, DropNotice) or last is self._in_flight:
             return False
         base = last.first if isinstance(last, StreamRun) else last
         if base.msg_type != "stream" or (isinstance(last, StreamRun) and last.sealed):
@@ -144,7 +150,7 @@ class ClientConnection:
 
     def _drop(self, message: KernelMessage) -> None:
         last = self._queue[-1]
-        if not isinstance(last, DropNotice):
+        if not isinstance(last, DropNotice) or last is self._in_flight:
             last = DropNotice(message.parent_header)
             self._append(last, last.size)
         last.count += 1
@@ -169,12 +175,15 @@ class ClientConnection:
     async def run(self, websocket: WebSocket) -> None:
         """Drain the mailbox into `websocket` until it goes away, is replaced or closed."""
         done = self._done
+        self._writer = asyncio.current_task()
         try:
             while self.websocket is websocket:
                 await self._ready.wait()
                 self._ready.clear()
                 while self._queue and self.websocket is websocket:
-                    await self._write(websocket, self._pop())
+                    async with self._writing:
+                        if self.websocket is websocket and self._queue:
+                            await self._write_head(websocket)
                 if self._close_with is not None and self.websocket is websocket:
                     code, reason = self._close_with
                     await websocket.close(code=code, reason=reason)
@@ -185,17 +194,33 @@ class ClientConnection:
         finally:
             if self.websocket is websocket:
                 self.websocket = None
+            if self._writer is asyncio.current_task():
+                self._writer = None
             done.set()
 
-    def _pop(self) -> KernelMessage:
-        item = self._queue.popleft()
-        if isinstance(item, KernelMessage):
-            self._queued_bytes -= item.size()
-            return item
-        self._queued_bytes -= item.size
-        if isinstance(item, StreamRun):
-            return item.render()
-        return self._drop_notice(item)
+    async def _write_head(self, websocket: WebSocket) -> None:
+        """Write the oldest item; it leaves the mailbox only if the write went through.
+
+        A write that fails or is cancelled (the socket died, or was detached meanwhile)
+        leaves it first in line for the next socket of this client: uvicorn either hands a
+        frame whole to the transport or raises before writing any of it.
+        """
+        item = self._queue[0]
+        self._in_flight = item
+        try:
+            if isinstance(item, KernelMessage):
+                message = item
+            elif isinstance(item, StreamRun):
+                message = item.render()
+            else:
+                message = self._drop_notice(item)
+            await self._write(websocket, message)
+        finally:
+            self._in_flight = None
+        self._queue.popleft()
+        self._queued_bytes -= item.size() if isinstance(item, KernelMessage) else item.size
+        if isinstance(item, DropNotice):
+            logger.warning("Client %s: %s", self.session_id, _content_text(message))
 
     async def _write(self, websocket: WebSocket, message: KernelMessage) -> None:
         if self.protocol == "v1":
@@ -212,7 +237,6 @@ class ClientConnection:
             f"[fps_kernels] {notice.count} output message(s) were dropped for this client: it "
             f"could not keep up, and more than {self.max_queue_bytes} bytes were waiting for it.\n"
         )
-        logger.warning("Client %s: %s", self.session_id, text.strip())
         return server_message(
             "iopub",
             "stream",
@@ -242,10 +266,21 @@ class ClientConnection:
             return
         self.websocket = None
         self._ready.set()
+        if self._writer is not None:
+            # It may wait on a stalled socket with a message in hand: that message stays
+            # queued for the new socket.
+            self._writer.cancel()
         try:
-            await websocket.close(code=code, reason=reason)
-        except (WebSocketDisconnect, OSError, RuntimeError) as error:
+            # A dropped peer whose socket the server has not seen die yet can keep the close
+            # waiting for a drain that never comes: the newer socket does not wait on it.
+            await asyncio.wait_for(websocket.close(code=code, reason=reason), 2.0)
+        except (WebSocketDisconnect, OSError, RuntimeError, asyncio.TimeoutError) as error:
             logger.debug("Stale socket of client %s was already gone: %r", self.session_id, error)
+
+
+def _content_text(message: KernelMessage) -> str:
+    content = _stream_content(message)
+    return content[1].strip() if content else ""
 
 
 def _stream_content(message: KernelMessage) -> tuple[str, str] | None:

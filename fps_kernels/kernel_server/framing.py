@@ -7,6 +7,7 @@ Jupyter Server documentation.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from typing import Any
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct(">I")
+# A JSON escape of a UTF-16 surrogate (D800-DFFF): only where one appears can a part hold a
+# lone surrogate, which no UTF-8 encoder (ours or the kernel's) accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class FrameError(ValueError):
@@ -69,9 +74,12 @@ def split_v1(frame: bytes) -> tuple[str, list[memoryview]]:
 
 
 def decode_v1(frame: bytes) -> ClientMessage:
-    """Read a v1 frame from a client."""
+    """Read a v1 frame from a client. The parts other than the header are forwarded as
+    they are, so they are checked for what would make the kernel choke (`check_json`)."""
     channel, pieces = split_v1(frame)
     parts = [bytes(piece) for piece in pieces[:4]]
+    for name, part in zip(_PART_NAMES[1:], parts[1:], strict=True):
+        check_json(part, name)
     # Buffers stay views of the frame: ZMQ sends them without another copy.
     buffers: list[bytes | memoryview] = list(pieces[4:])
     return ClientMessage(channel=channel, parts=parts, buffers=buffers, header=_header(parts[0]))
@@ -115,11 +123,7 @@ def encode_legacy_binary(
 
 
 def decode_legacy_text(text: str) -> ClientMessage:
-    try:
-        message = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise FrameError(f"invalid JSON: {error}") from None
-    return _from_legacy_dict(message, [])
+    return _from_legacy_dict(loads(text, "message"), [])
 
 
 def split_legacy_binary(frame: bytes) -> tuple[memoryview, list[memoryview]]:
@@ -140,12 +144,8 @@ def split_legacy_binary(frame: bytes) -> tuple[memoryview, list[memoryview]]:
 
 def decode_legacy_binary(frame: bytes) -> ClientMessage:
     body, pieces = split_legacy_binary(frame)
-    try:
-        message = json.loads(bytes(body))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FrameError(f"invalid JSON: {error}") from None
     buffers: list[bytes | memoryview] = list(pieces)
-    return _from_legacy_dict(message, buffers)
+    return _from_legacy_dict(loads(bytes(body), "message"), buffers)
 
 
 def _check_offsets(offsets: Sequence[int], table_end: int, size: int, what: str) -> None:
@@ -181,14 +181,93 @@ def _from_legacy_dict(message: Any, buffers: list[bytes | memoryview]) -> Client
 
 
 def _pack(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError("a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from None
+    except (RecursionError, ValueError) as error:
+        raise FrameError(f"cannot be encoded: {error}") from None
+
+
+# --- JSON that cannot hurt --------------------------------------------------------------
+
+_PART_NAMES = ("header", "parent_header", "metadata", "content")
+# Deeper than any real message; well below what Python's parser (ours and a Python kernel's,
+# whose stack is deeper when it parses) can take.
+MAX_DEPTH = 500
+# Python's default sys.get_int_max_str_digits(): a kernel parsing a longer integer fails.
+_MAX_INT_DIGITS = 4300
+
+
+def loads(data: str | bytes, what: str) -> Any:
+    """Parse JSON from a client; every way it can hurt is a FrameError naming `what`: bad
+    syntax or UTF-8, nesting deeper than MAX_DEPTH, integers over Python's digit limit,
+    lone UTF-16 surrogates (which no UTF-8 encoder, ours or the kernel's, accepts)."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise FrameError(f"{what} is JSON nested too deeply") from None
+    except json.JSONDecodeError as error:
+        raise FrameError(f"{what} is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise FrameError(f"{what} is not UTF-8") from None
+    except ValueError:
+        # json raises a bare ValueError for integers over sys.get_int_max_str_digits().
+        raise FrameError(f"{what} holds an integer with too many digits") from None
+    if has_lone_surrogate(data, value):
+        raise FrameError(f"{what} holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)")
+    if _brackets(data) > MAX_DEPTH and depth(value) > MAX_DEPTH:
+        raise FrameError(f"{what} is JSON nested deeper than {MAX_DEPTH}")
+    return value
+
+
+def check_json(data: bytes, what: str) -> None:
+    """Check JSON forwarded as it is (a v1 part) as `loads` would, but parse it only when
+    it could hide a problem: longer than the longest allowed integer, a surrogate escape,
+    or more brackets than MAX_DEPTH. Small messages, the hot path, cost a few scans."""
+    if len(data) <= _MAX_INT_DIGITS and b"\\u" not in data and _brackets(data) <= MAX_DEPTH:
+        return
+    loads(data, what)
+
+
+def _brackets(data: str | bytes) -> int:
+    if isinstance(data, str):
+        return data.count("[") + data.count("{")
+    return data.count(b"[") + data.count(b"{")
+
+
+def depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def has_lone_surrogate(data: str | bytes, parsed: Any) -> bool:
+    """Whether JSON text (and `parsed`, its value) holds a UTF-16 surrogate that is not
+    part of a pair. Cheap when the text has no surrogate escape at all, nearly always."""
+    if isinstance(data, str):
+        if "\\u" not in data or _SURROGATE_ESCAPE.search(data) is None:
+            return False
+    elif b"\\u" not in data or _SURROGATE_ESCAPE_BYTES.search(data) is None:
+        return False
+    try:
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _header(data: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FrameError(f"header is not valid JSON: {error}") from None
+    header = loads(data, "header")
     if not isinstance(header, dict) or not isinstance(header.get("msg_type"), str):
         raise FrameError("header must be an object with a msg_type")
     return header

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 import signal
+import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from .framing import (
     decode_legacy_text,
     decode_v1,
 )
+from .gaps import GapDetector, Loss
 from .messages import KernelMessage, server_message
 from .registry import KernelEntry, KernelRegistry
 from .transport import allow_large_messages, compress_small_messages_only
@@ -142,6 +144,9 @@ class KernelServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._process: KernelProcess | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        # Finishes a start that returned as soon as the process ran (see start()).
+        self._starter: asyncio.Task[None] | None = None
+        self._answered = False  # the running process answered kernel_info
         self._unstable_deaths = 0  # deaths right after a start, in a row
         self._ready_at = 0.0
         self._did_work = False  # ran a cell to its end since its last start
@@ -153,6 +158,17 @@ class KernelServer:
         self._accepting = asyncio.Event()
         self._session = new_session_id()
         self._replay_guard = ReplayGuard()
+        # Output the kernel published but we never received (see gaps.py): while a run of
+        # missing messages is being judged, the end of a cell (and what follows) is held
+        # back, so that the notice lands in the cell before its idle status.
+        self._gaps = GapDetector()
+        self._held: list[KernelMessage] | None = None
+        self._held_since = 0.0
+        self._gap_timer: asyncio.TimerHandle | None = None
+        # The last execute_reply, and the cells whose idle status came: when the kernel's
+        # drop took a cell's idle status, the server ends the cell itself.
+        self._last_reply: dict[str, Any] = {}
+        self._idle_seen: deque[str] = deque(maxlen=64)
         self._started = False
         self.kernel_info: dict[str, Any] = {}
 
@@ -261,8 +277,14 @@ class KernelServer:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, launch_kernel: bool = True) -> None:
-        """Launch (or attach to) the kernel and return once it answered kernel_info."""
+    async def start(self, launch_kernel: bool = True, wait_ready: bool = True) -> None:
+        """Launch (or attach to) the kernel and return once it answered kernel_info.
+
+        With `wait_ready=False` (a launched kernel), return as soon as its process runs: the
+        state stays `starting` and client messages wait until the kernel answers. A kernel
+        that then dies or never answers becomes `dead`, with the reason, and stays listed.
+        Either way, a kernel that cannot be spawned raises KernelStartError at once.
+        """
         if self._started:
             raise RuntimeError("this kernel server was already started")
         self._started = True
@@ -270,16 +292,46 @@ class KernelServer:
         try:
             if launch_kernel:
                 await self._launch()
-            await self._wait_ready()
+            if wait_ready or self._process is None:
+                await self._wait_ready()
         except BaseException:
             await self._shutdown_quietly()
             raise
-        if self._process is not None:
+        if self._answered:
             self._supervisor = self._spawn(self._supervise())
+        else:
+            self._starter = self._spawn(self._finish_start())
+
+    async def _finish_start(self) -> None:
+        """Wait for a launched kernel to answer, then watch it; if it does not, it is dead:
+        its process and connection file go, its clients are told, and it stays listed."""
+        try:
+            await self._wait_ready()
+        except Exception as error:
+            # Logged here, once (a traceback only for what is not a plain failed start).
+            logger.error(
+                "Kernel %s did not start: %s",
+                self.kernel_id,
+                error,
+                exc_info=not isinstance(error, KernelStartError),
+            )
+            if self._process is not None:
+                await self._process.terminate(self.settings.shutdown_wait)
+            if self.write_connection_file and self.connection_file_path:
+                # Its ports stay held: a restart launches it again with the same ones.
+                Path(self.connection_file_path).unlink(missing_ok=True)
+            self._notify(f"The kernel did not start: {error}", "dead", str(error))
+            return
+        logger.info("Kernel %s is ready", self.kernel_id)
+        self._supervisor = self._spawn(self._supervise())
 
     async def _launch(self) -> None:
         if self.kernelspec is None:
             raise KernelStartError("Could not find a kernel, maybe you forgot to install one?")
+        if self.write_connection_file and not Path(self.connection_file_path).exists():
+            # Removed when its first start failed: a restart launches it again.
+            write_connection_file(self.connection_file_path, self.connection_info)
+        self._answered = False
         env = environment_for_kernel(self.kernelspec, self.session_name)
         process = KernelProcess(
             self.kernelspec.command(os.path.realpath(self.connection_file_path)),
@@ -419,6 +471,7 @@ class KernelServer:
                     f"Kernel {self.kernel_name!r} did not accept a connection on {channel}"
                 ) from None
         self.kernel_info = replied.result().content()
+        self._answered = True
         self._ready_at = loop.time()
         self._accepting.set()
         if self.activity.execution_state in ("starting", "restarting"):
@@ -431,6 +484,10 @@ class KernelServer:
 
     def interrupt(self) -> None:
         """Interrupt what the kernel runs, as its kernelspec's interrupt_mode says."""
+        if self._process is not None and not self._answered:
+            # Still starting: nothing runs yet, and a SIGINT would kill it mid-import.
+            logger.info("Kernel %s: interrupt ignored, it is still starting", self.kernel_id)
+            return
         mode = self.kernelspec.interrupt_mode if self.kernelspec else "message"
         if mode == "signal" and self._process is not None:
             self._process.signal_group(signal.SIGINT)
@@ -472,17 +529,20 @@ class KernelServer:
         await self._close()
 
     async def _stop_supervising(self) -> None:
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None and not supervisor.done():
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
+        """Cancel the task finishing the start, if any, and the supervisor."""
+        for task in (self._starter, self._supervisor):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._starter = self._supervisor = None
 
     async def _stop_process(self, restart: bool) -> None:
         process = self._process
         if process is None:
             return
         wait = self.settings.shutdown_wait
-        if process.is_alive():
+        if process.is_alive() and self._answered:
+            # One that never answered would not answer this either: no use waiting.
             self._request("control", "shutdown_request", {"restart": restart})
             try:
                 await asyncio.wait_for(process.wait(), wait)
@@ -597,12 +657,30 @@ class KernelServer:
         return KernelMessage(channel, wire.parts, wire.buffers)
 
     def _dispatch(self, channel: str, message: KernelMessage) -> None:
-        if channel == "iopub":
+        iopub = channel == "iopub"
+        if self._gaps.observe(
+            message.header.get("msg_id"), iopub, lambda: message.parent_header, time.monotonic()
+        ):
+            self._arm_gap_timer()
+        if iopub:
             self._track(message)
             self._iopub_seen.set()
+            ends_cell = self._ends_cell(message)
+            if self._held is None and ends_cell and self._gaps.pending():
+                self._held = []
+                self._held_since = time.monotonic()
+                self._arm_gap_timer()
+            if self._held is not None:
+                self._held.append(message)
+                return
             for client in list(self._clients.values()):
                 client.send(message)
             return
+        if message.msg_type == "execute_reply":
+            self._last_reply = message.parent_header
+        if self._held is not None and not self._gaps.pending():
+            # the late reply filled the gap: nothing was lost
+            self._release_held()
         parent_id = message.parent_msg_id
         if parent_id is None:
             return
@@ -611,15 +689,90 @@ class KernelServer:
             if not own.done():
                 own.set_result(message)
             return
+        # Only the connection that sent the request gets what answers it: never a client
+        # named by the ids in the message, which any client can write.
         if channel == "stdin":
             session_id = self._routes.get(parent_id)
         else:
             session_id = self._routes.pop(parent_id, None)
-        if session_id is None:
-            session_id = message.parent_header.get("session")
-        requester = self._clients.get(session_id) if isinstance(session_id, str) else None
+        requester = self._clients.get(session_id) if session_id is not None else None
         if requester is not None:
             requester.send(message)
+
+    def _ends_cell(self, message: KernelMessage) -> bool:
+        if message.msg_type != "status" or message.content().get("execution_state") != "idle":
+            return False
+        parent_id = message.parent_msg_id
+        if parent_id is not None:
+            self._idle_seen.append(parent_id)
+        return True
+
+    def _arm_gap_timer(self) -> None:
+        if self._gap_timer is not None:
+            return
+        due = self._gaps.next_due()
+        if due is None:
+            return
+        delay = max(due - time.monotonic(), 0.0)
+        self._gap_timer = asyncio.get_running_loop().call_later(delay, self._judge_gaps)
+
+    def _judge_gaps(self) -> None:
+        self._gap_timer = None
+        now = time.monotonic()
+        self._tell_losses(self._gaps.due(now))
+        if self._held is not None and (
+            not self._gaps.pending() or now - self._held_since >= self._gaps.settle
+        ):
+            self._release_held()
+        if self._gaps.pending():
+            self._arm_gap_timer()
+
+    def _release_held(self) -> None:
+        self._tell_losses(self._gaps.due(time.monotonic()))
+        held, self._held = self._held or [], None
+        for message in held:
+            self.broadcast(message)
+
+    def _end_orphan_cell(self) -> None:
+        """After a loss: if the cell that was answered never got its idle status (ipykernel
+        sends it right after execute_reply, so it was lost too), send one for it, or the
+        cell would look busy forever."""
+        parent = self._last_reply
+        msg_id = parent.get("msg_id")
+        if not isinstance(msg_id, str) or msg_id in self._idle_seen:
+            return
+        if self.activity.execution_state != "busy" or not self._sockets:
+            return  # it did end (another status came), or the kernel was stopped meanwhile
+        logger.warning("Kernel %s: the idle status of cell %s was lost", self.kernel_id, msg_id)
+        self._idle_seen.append(msg_id)
+        idle = server_message("iopub", "status", {"execution_state": "idle"}, self._session, parent)
+        self._track(idle)
+        if self._held is not None:
+            self._held.append(idle)
+        else:
+            self.broadcast(idle)
+
+    def _tell_losses(self, losses: list[Loss]) -> None:
+        """A stderr line in the cell whose output was lost, for every client."""
+        if losses:
+            asyncio.get_running_loop().call_later(self._gaps.settle, self._end_orphan_cell)
+        for loss in losses:
+            text = (
+                f"[fps_kernels] {loss.count} output message(s) of this cell never reached the "
+                "server: the kernel dropped them (its iopub queue to the server was full), so "
+                "the output above is incomplete.\n"
+            )
+            logger.warning(
+                "Kernel %s: %d iopub message(s) lost between the kernel and the server (cell %s)",
+                self.kernel_id,
+                loss.count,
+                loss.parent.get("msg_id", "?"),
+            )
+            self.broadcast(
+                server_message(
+                    "iopub", "stream", {"name": "stderr", "text": text}, self._session, loss.parent
+                )
+            )
 
     def _track(self, message: KernelMessage) -> None:
         msg_type = message.msg_type
@@ -760,6 +913,15 @@ class KernelServer:
                     error,
                 )
                 continue
+            except Exception:
+                # A kind of bad frame framing does not know yet: still one client's frame,
+                # not a reason to end its connection.
+                logger.exception(
+                    "Kernel %s: ignored a frame from client %s that could not be decoded",
+                    self.kernel_id,
+                    client.session_id,
+                )
+                continue
             await self._forward(client, message)
 
     @staticmethod
@@ -801,15 +963,35 @@ class KernelServer:
                     "Kernel %s: dropped a %s (kernel not ready)", self.kernel_id, msg_type
                 )
                 return
-        msg_id = message.header.get("msg_id")
-        if isinstance(msg_id, str):
-            self._routes[msg_id] = client.session_id
-            if len(self._routes) > _ROUTES_KEPT:
-                self._routes.popitem(last=False)
+        if msg_type.endswith("_request") and not self._route(client, message, msg_type):
+            return
         try:
             await self.send_to_kernel(channel, message.parts, message.buffers)
         except zmq.ZMQError as error:
             logger.warning("Kernel %s: could not send a %s: %s", self.kernel_id, msg_type, error)
+
+    def _route(self, client: ClientConnection, message: ClientMessage, msg_type: str) -> bool:
+        """Remember who asked, so that the reply goes to that connection only. A request
+        reusing the msg_id of a pending request of someone else's (every client sees msg_ids
+        on iopub) would steal its reply: it is dropped instead."""
+        msg_id = message.header.get("msg_id")
+        if not isinstance(msg_id, str):
+            return True
+        owner = self._routes.get(msg_id)
+        if (owner is not None and owner != client.session_id) or msg_id in self._own_requests:
+            logger.warning(
+                "Kernel %s: dropped a %s from client %s: its msg_id %s is taken by a pending "
+                "request of another client",
+                self.kernel_id,
+                msg_type,
+                client.session_id,
+                msg_id,
+            )
+            return False
+        self._routes[msg_id] = client.session_id
+        if len(self._routes) > _ROUTES_KEPT:
+            self._routes.popitem(last=False)
+        return True
 
     async def _close_clients(self, code: int, reason: str) -> None:
         clients = list(self._clients.values())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import NotFound
+from ..errors import KernelsError, NotFound
 from ..kernel_driver.kernelspec import KernelSpec
 from ..kernel_server.base import ServedKernel
 from ..kernel_server.registry import KernelEntry
@@ -153,6 +153,11 @@ class KernelProvider(ABC):
         """The kernel type to start when a request names none, if the provider has a say."""
         return None
 
+    def unusable(self, kernel_name: str) -> KernelsError | None:
+        """Why `kernel_name`, which it does not list, is one of its own that cannot be used
+        (e.g. a broken kernelspec), or None: asked before answering 404."""
+        return None
+
     async def resource(self, kernel_type: KernelType, file_name: str) -> KernelResource:
         """A resource file (logo, kernel.js) of one of its kernel types."""
         if kernel_type.kernelspec is None:
@@ -162,7 +167,8 @@ class KernelProvider(ABC):
     @abstractmethod
     async def launch(self, request: KernelRequest) -> ServedKernel:
         """Start (or attach to) a kernel of `request.kernel_name`, returning once it can be
-        served; raises a KernelsError (e.g. KernelFailed) saying why it cannot."""
+        served (it may still be `starting`: its clients' messages then wait for it); raises
+        a KernelsError (e.g. KernelFailed) saying why it cannot."""
 
     async def refresh(self) -> None:
         """Bring its kernels' state up to date before they are listed (REST)."""

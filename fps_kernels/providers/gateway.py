@@ -9,6 +9,11 @@ that a launch that timed out can be deleted) and `KERNEL_LAUNCH_TIMEOUT`. Kernel
 running on the gateway when the server starts are adopted (listed, and left running when
 the server stops). The gateway culls its own kernels; kernels it no longer has are
 forgotten, their sessions closed and their clients told.
+
+The gateway never holds the server up: what listings need of it (kernelspecs, its kernels'
+state) is asked in the background (see `gateway/look.py`), the server's start and each
+listing wait at most ANSWER_WAIT for it and otherwise answer from what is known (the last
+kernelspecs, also kept on disk for the next start), with a `reason` on its kernels.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import asyncio
 import fnmatch
 import getpass
 import logging
+import math
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +34,9 @@ from ..errors import GatewayError, GatewayTimeout, KernelspecNotFound, NotFound
 from ..gateway.client import GatewayClient, GatewayRefused
 from ..gateway.config import GatewayConfig
 from ..gateway.kernel import GONE_NOTICE, LAUNCH_PAD, GatewayKernel
+from ..gateway.look import Look
+from ..gateway.remembered import RememberedSpecs
+from ..kernel_driver.paths import runtime_dir
 from ..kernel_server.base import ServedKernel
 from ..kernel_server.registry import KernelEntry
 from ..launchers import KernelRequest
@@ -37,9 +47,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a kernelspec listing is reused, and a kernel listing (REST) is reused.
 SPECS_MAX_AGE = 2.0
 KERNELS_MAX_AGE = 1.0
-#: Listings asked for a REST answer wait at most this long, and after a failure they are not
-#: asked again for as long (a gateway that does not answer never holds local kernels up).
-LISTING_WAIT = 5.0
+#: Seconds the server's start and a listing wait for the gateway (counted from the start of
+#: the look at it) before going on with what is known.
+ANSWER_WAIT = 1.0
 #: Seconds the provider's last tasks (deleting kernels launched late) may hold the server's stop.
 CLOSE_WAIT = 10.0
 
@@ -48,7 +58,10 @@ class GatewayProvider(KernelProvider):
     local_culling = False
 
     def __init__(
-        self, context: ProviderContext, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        context: ProviderContext,
+        transport: httpx.AsyncBaseTransport | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         super().__init__(context)
         self.config: GatewayConfig = context.config.gateway
@@ -59,17 +72,17 @@ class GatewayProvider(KernelProvider):
         self._types: dict[str, KernelType] = {}
         self._remote_names: dict[str, str] = {}  # our kernel type name → the gateway's
         self._remote_default: str | None = None
-        self._specs_at = -1e9
-        self._specs_problem = ""
-        self._specs_lock = asyncio.Lock()
+        self._remembered = RememberedSpecs(state_dir or runtime_dir(), self.config.url)
+        self._specs = Look("Kernelspecs of the gateway", self._fetch_kernelspecs)
+        self._state = Look("Kernels of the gateway", self._look_at_kernels)
         self._kernels: dict[str, GatewayKernel] = {}
-        self._kernels_at = -1e9
-        self._refresh_backoff = 0.0
-        self._refresh_lock = asyncio.Lock()
         self._list_kernels = True  # False once the gateway refused GET /api/kernels
         self._adopted = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._poller: asyncio.Task[None] | None = None
+        remembered = self._remembered.load()
+        if remembered is not None:
+            self._take_kernelspecs(remembered)
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -80,8 +93,18 @@ class GatewayProvider(KernelProvider):
             self.config.mode,
             self.config.name_prefix if self._merged else "",
         )
-        await self._adopt_running()
         self._poller = asyncio.create_task(self._poll_forever())
+        done = await asyncio.gather(
+            self._specs.fresh(0, ANSWER_WAIT), self._state.fresh(0, ANSWER_WAIT)
+        )
+        if not all(done):
+            logger.warning(
+                "The kernel gateway at %s did not answer within %g s: going on without it "
+                "(%d kernelspecs it gave before); its kernels are adopted once it answers",
+                self.config.url,
+                ANSWER_WAIT,
+                len(self._types),
+            )
 
     async def stop(self) -> None:
         poller, self._poller = self._poller, None
@@ -90,6 +113,8 @@ class GatewayProvider(KernelProvider):
             await asyncio.gather(poller, return_exceptions=True)
 
     async def close(self) -> None:
+        await self._specs.close()
+        await self._state.close()
         tasks = list(self._tasks)
         if tasks:
             # Late launches being cleaned up: give them a moment, they delete kernels.
@@ -127,33 +152,23 @@ class GatewayProvider(KernelProvider):
     # --- kernelspecs -----------------------------------------------------------------------
 
     async def kernelspecs(self) -> dict[str, KernelType]:
-        """The gateway's kernel types; the last known ones when it does not answer."""
-        loop = asyncio.get_running_loop()
-        if self._specs_problem and loop.time() - self._specs_at < LISTING_WAIT:
-            return dict(self._types)
-        try:
-            await asyncio.wait_for(self._load_kernelspecs(SPECS_MAX_AGE), LISTING_WAIT)
-        except (GatewayError, asyncio.TimeoutError) as error:
-            problem = error.message if isinstance(error, GatewayError) else "no answer in time"
-            if problem != self._specs_problem:
-                logger.warning("No kernelspecs from the gateway: %s", problem)
-            self._specs_problem = problem
-            self._specs_at = loop.time()
+        """The gateway's kernel types; the last known ones when it does not answer soon."""
+        await self._specs.fresh(SPECS_MAX_AGE, ANSWER_WAIT)
         return dict(self._types)
 
-    async def _load_kernelspecs(self, max_age: float) -> None:
-        loop = asyncio.get_running_loop()
-        async with self._specs_lock:
-            if not self._specs_problem and loop.time() - self._specs_at < max_age:
-                return
-            data = await self.client.get_json("/api/kernelspecs")
-            self._specs_at = loop.time()
-            self._specs_problem = ""
-        specs = data.get("kernelspecs") if isinstance(data, dict) else None
-        if not isinstance(specs, dict):
+    async def _fetch_kernelspecs(self) -> None:
+        data = await self.client.get_json("/api/kernelspecs")
+        if not self._take_kernelspecs(data):
             raise GatewayRefused(
                 f"The kernel gateway at {self.config.url} gave no kernelspecs", 502
             )
+        self._remembered.save(data)
+
+    def _take_kernelspecs(self, data: Any) -> bool:
+        """Serve the kernelspecs of a GET /api/kernelspecs answer; False if it has none."""
+        specs = data.get("kernelspecs") if isinstance(data, dict) else None
+        if not isinstance(specs, dict):
+            return False
         default = data.get("default")
         self._remote_default = default if isinstance(default, str) else None
         types: dict[str, KernelType] = {}
@@ -164,6 +179,16 @@ class GatewayProvider(KernelProvider):
                 types[kernel_type.name] = kernel_type
                 remote_names[kernel_type.name] = str(remote)
         self._types, self._remote_names = types, remote_names
+        return True
+
+    def _not_answering(self, after: float = ANSWER_WAIT) -> GatewayTimeout | None:
+        """The gateway seen not to answer: a look at it lasting longer than `after`."""
+        waited = max(self._specs.running_for(), self._state.running_for())
+        if waited <= after:
+            return None
+        return GatewayTimeout(
+            f"The kernel gateway at {self.config.url} does not answer (nothing for {waited:.0f} s)"
+        )
 
     def _kernel_type(self, remote: str, model: Any) -> KernelType | None:
         name = self.local_name(remote)
@@ -191,7 +216,13 @@ class GatewayProvider(KernelProvider):
         """The gateway's name for one of our kernel types, asking the gateway if need be."""
         remote = self._remote_names.get(kernel_name)
         if remote is None:
-            await self._load_kernelspecs(0)  # the gateway's errors tell why
+            done = await self._specs.fresh(0, self.config.request_timeout)
+            if not done:
+                raise self._not_answering(after=0) or GatewayTimeout(
+                    f"The kernel gateway at {self.config.url} does not answer"
+                )
+            if self._specs.error is not None:
+                raise self._specs.error  # the gateway's errors tell why
             remote = self._remote_names.get(kernel_name)
         if remote is None:
             raise KernelspecNotFound(kernel_name)
@@ -201,6 +232,9 @@ class GatewayProvider(KernelProvider):
         remote = self._remote_names.get(kernel_type.name)
         if remote is None or file_name not in kernel_type.resources.values():
             raise NotFound(f"No file {file_name!r} in kernelspec {kernel_type.name}")
+        hung = self._not_answering()
+        if hung is not None:
+            raise hung  # a logo is not worth a request that hangs
         content, media_type = await self.client.resource(remote, file_name)
         return KernelResource(content=content, media_type=media_type)
 
@@ -332,6 +366,9 @@ class GatewayProvider(KernelProvider):
 
     async def terminate(self, kernel: ServedKernel) -> None:
         assert isinstance(kernel, GatewayKernel)
+        hung = self._not_answering()
+        if hung is not None:
+            raise hung  # a DELETE would wait out request_timeout (and hold the server's stop)
         await kernel.shutdown_remote()
 
     # --- the gateway's kernels -------------------------------------------------------------
@@ -357,13 +394,9 @@ class GatewayProvider(KernelProvider):
 
     async def _adopt_running(self) -> None:
         """Serve the kernels already running on the gateway (they are not ours to stop)."""
-        try:
-            running = await self._running()
-            if running:
-                await self._load_kernelspecs(0)
-        except GatewayError as error:
-            logger.warning("Cannot adopt the gateway's kernels yet: %s", error.message)
-            return
+        running = await self._running()
+        if running:
+            await self._specs.fresh(SPECS_MAX_AGE, math.inf)
         self._adopted = True
         host = self.context.host
         for kernel_id, model in (running or {}).items():
@@ -376,30 +409,35 @@ class GatewayProvider(KernelProvider):
             logger.info("Adopted gateway kernel %s (%s)", kernel_id, remote)
 
     async def refresh(self, max_age: float = KERNELS_MAX_AGE) -> None:
-        """Take the gateway's state of our kernels; forget those it no longer has."""
-        if not self._kernels:
+        """Take the gateway's state of our kernels (forgetting those it no longer has), if it
+        answers within ANSWER_WAIT; otherwise their `reason` says it does not answer."""
+        if self._adopted and not self._kernels:
             return
-        loop = asyncio.get_running_loop()
-        async with self._refresh_lock:
-            if loop.time() - self._kernels_at < max(max_age, self._refresh_backoff):
+        if not await self._state.fresh(max_age, ANSWER_WAIT):
+            hung = self._not_answering(after=0)
+            if hung is not None:
+                self._gateway_problem(hung)
+
+    async def _look_at_kernels(self) -> None:
+        try:
+            if not self._adopted:
+                await self._adopt_running()
+            if not self._kernels:
                 return
-            try:
-                models = await asyncio.wait_for(self._models(list(self._kernels)), LISTING_WAIT)
-            except (GatewayError, asyncio.TimeoutError) as error:
-                problem = error.message if isinstance(error, GatewayError) else "no answer"
-                for kernel in self._kernels.values():
-                    kernel.gateway_unreachable(f"Kernel gateway problem: {problem}")
-                self._refresh_backoff = LISTING_WAIT
-                return
-            finally:
-                self._kernels_at = loop.time()
-            self._refresh_backoff = 0.0
+            models = await self._models(list(self._kernels))
+        except GatewayError as error:
+            self._gateway_problem(error)
+            raise
         for kernel_id, kernel in list(self._kernels.items()):
             model = models.get(kernel_id)
             if model is None:
                 kernel.gone(GONE_NOTICE)
             else:
                 kernel.update(model)
+
+    def _gateway_problem(self, error: GatewayError) -> None:
+        for kernel in self._kernels.values():
+            kernel.gateway_unreachable(f"Kernel gateway problem: {error.message}")
 
     async def _models(self, kernel_ids: list[str]) -> dict[str, dict[str, Any]]:
         running = await self._running()
@@ -419,10 +457,8 @@ class GatewayProvider(KernelProvider):
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval)
-            if not self._adopted:
-                await self._adopt_running()
-            self._refresh_backoff = 0.0
-            await self.refresh(max_age=0)
+            if not self._adopted or self._kernels:
+                await self._state.fresh(0, math.inf)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

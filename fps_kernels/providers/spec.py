@@ -6,8 +6,8 @@ expect.
 
 from __future__ import annotations
 
-from ..errors import KernelspecNotFound
-from ..kernel_driver.kernelspec import find_kernelspecs
+from ..errors import KernelsError, KernelspecBroken, KernelspecNotFound
+from ..kernel_driver.kernelspec import find_kernelspecs, scan_kernelspecs
 from ..kernel_server.base import ServedKernel
 from ..launchers import KernelRequest, LocalLauncher
 from .base import KernelProvider, KernelType, ProviderContext
@@ -21,8 +21,14 @@ class SpecProvider(KernelProvider):
     async def kernelspecs(self) -> dict[str, KernelType]:
         return {name: KernelType.from_kernelspec(spec) for name, spec in find_kernelspecs().items()}
 
+    def unusable(self, kernel_name: str) -> KernelsError | None:
+        broken = scan_kernelspecs().broken.get(kernel_name.lower())
+        if broken is None:
+            return None
+        return KernelspecBroken(kernel_name, str(broken.path), broken.problem)
+
     async def launch(self, request: KernelRequest) -> ServedKernel:
         spec = find_kernelspecs().get(request.kernel_name.lower())
         if spec is None:
-            raise KernelspecNotFound(request.kernel_name)
+            raise self.unusable(request.kernel_name) or KernelspecNotFound(request.kernel_name)
         return await self._launcher.launch_spec(spec, request)

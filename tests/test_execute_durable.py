@@ -1,0 +1,356 @@
+"""Server-side execution that loses nothing: the prompt JupyterLab 4.6 draws, outputs that land
+with no page open (fps-yjs closes idle rooms after `document_cleanup_delay`, 1 s here), and
+the jupyter-server-nbmodel request protocol, `input()` included.
+
+A real jupyverse with fps-yjs, real ipykernels, real HTTP and real Y clients of the rooms.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import nbformat
+import pytest
+
+from .conftest import JupyverseServer
+from .test_execute import execute, http_client, opened, shared, stream, write_notebook
+from .ydoc_client import room, until
+
+pytestmark = pytest.mark.anyio
+
+CLEANUP_DELAY = 1.0
+
+
+@pytest.fixture(scope="module")
+def dserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
+    home = tmp_path_factory.mktemp("jupyverse-durable")
+    srv = JupyverseServer(
+        home,
+        kernels={"require_yjs": True, "startup_timeout": 30},
+        yjs=True,
+        extra_components={
+            "yjs": {
+                "type": "yjs",
+                "document_save_delay": 0.2,
+                "document_cleanup_delay": CLEANUP_DELAY,
+            }
+        },
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def dkernel(dserver: JupyverseServer) -> Iterator[str]:
+    with dserver.client() as client:
+        response = client.post("/api/kernels", json={"name": "python3"})
+        assert response.status_code == 201, response.text
+        kernel_id = response.json()["id"]
+        yield kernel_id
+        client.delete(f"/api/kernels/{kernel_id}")
+
+
+def saved_cells(server: JupyverseServer, path: str) -> dict[str, Any]:
+    text = (server.root / path).read_text()
+    if not text.strip():
+        return {}
+    return {cell["id"]: cell for cell in json.loads(text)["cells"]}
+
+
+def assert_valid(server: JupyverseServer, path: str) -> None:
+    nbformat.validate(nbformat.reads((server.root / path).read_text(), as_version=4))
+
+
+# --- the prompt --------------------------------------------------------------------------
+
+
+async def test_execution_state_is_running_while_queued_and_gone_after(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    cells = {"slow": "import time\ntime.sleep(1)", "next": "print('next')", "last": "1 + 1"}
+    path = write_notebook(dserver.root, "prompt.ipynb", cells)
+    doc_id = shared(dserver, path)
+    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
+        nb = await opened(doc, len(cells))
+        states = {cell_id: nb.watch_state(cell_id) for cell_id in cells}
+        for cell_id in cells:
+            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+        # Run All: every queued cell shows [*] (JupyterLab 4.6 reads execution_state).
+        await until(lambda: all(nb.state(c) == "running" for c in cells), what="all [*]")
+        await until(lambda: all(nb.is_done(c) for c in cells), what="all done")
+        for cell_id in cells:
+            # Running from the moment it was queued, then removed: absent reads as idle.
+            assert states[cell_id] == ["running", None], (cell_id, states[cell_id])
+            assert nb.state(cell_id) is None
+        assert [nb.json(c)["execution_count"] for c in cells] == [1, 2, 3]
+
+        # A JupyterLab page writes execution_state "idle" when a cell gets its count:
+        # the server takes it away again, so the saved notebook stays valid nbformat 4.
+        with doc.transaction():
+            nb.cell("next")["execution_state"] = "idle"
+        await until(lambda: nb.state("next") is None, what="the page's idle state removed")
+
+        def saved_done() -> bool:
+            saved = saved_cells(dserver, path)
+            return (
+                bool(saved)
+                and saved["last"]["execution_count"] == 3
+                and all("execution_state" not in cell for cell in saved.values())
+            )
+
+        await until(saved_done, what="the notebook saved without execution_state")
+        assert_valid(dserver, path)
+
+
+# --- outputs with no page open -----------------------------------------------------------
+
+PRINTER = (
+    "import time\nfor i in range({n}):\n    print(f'line {{i}}', flush=True)\n    time.sleep(0.5)"
+)
+
+
+async def test_outputs_land_in_the_document_and_file_after_the_room_was_left(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    n = 12  # about 6 s: many times the room's cleanup delay
+    cells = {"long": PRINTER.format(n=n), "after": "print('after')"}
+    path = write_notebook(dserver.root, "durable.ipynb", cells)
+    doc_id = shared(dserver, path)
+    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
+        nb = await opened(doc, len(cells))
+        for cell_id in cells:
+            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+        await until(lambda: nb.outputs("long"), what="the first line")
+    # Every page left: fps-yjs would close the room after CLEANUP_DELAY, but cells run in it.
+    expected = "".join(f"line {i}\n" for i in range(n))
+
+    def saved_complete() -> dict[str, Any] | None:
+        saved = saved_cells(dserver, path)
+        done = saved and saved["after"]["execution_count"] == 2
+        return saved if done else None
+
+    saved = await until(saved_complete, timeout=60, what="every output saved")
+    assert saved["long"]["outputs"] == [stream(expected)]
+    assert saved["long"]["execution_count"] == 1
+    assert saved["after"]["outputs"] == [stream("after\n")]
+    assert_valid(dserver, path)
+    # Once nothing runs in it, the room is left and fps-yjs closes it as usual.
+    await until(
+        lambda: f"Closing collaboration room: {doc_id}" in dserver.read_log(),
+        timeout=30,
+        what="the room closed after the run",
+    )
+    # The next visitor gets it all from the document fps-yjs loads anew.
+    async with room(dserver, doc_id) as doc:
+        nb = await opened(doc, len(cells))
+        await until(lambda: nb.outputs("long") == [stream(expected)], what="outputs reopened")
+        assert nb.json("long")["execution_count"] == 1 and nb.state("long") is None
+    assert not dserver.server_tracebacks(), dserver.server_tracebacks()
+    assert "BrokenResourceError" not in dserver.read_log()
+
+
+async def test_a_cell_deleted_while_it_runs_is_logged_once(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    cells = {"doomed": PRINTER.format(n=4), "kept": "print('kept')"}
+    path = write_notebook(dserver.root, "deleted.ipynb", cells)
+    doc_id = shared(dserver, path)
+    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
+        nb = await opened(doc, len(cells))
+        for cell_id in cells:
+            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+        await until(lambda: nb.outputs("doomed"), what="the cell running")
+        del nb.cells[0]
+        await until(lambda: nb.is_done("kept"), what="the next cell ran")
+        assert nb.outputs("kept") == [stream("kept\n")]
+    log = dserver.read_log()
+    assert len(re.findall(r"Cell doomed of \S+ was deleted", log)) == 1, log[-3000:]
+    assert not dserver.server_tracebacks(), dserver.read_log()[-6000:]
+
+
+# --- the jupyter-server-nbmodel protocol --------------------------------------------------
+
+
+async def post_code(
+    http: httpx.AsyncClient, kernel_id: str, code: str, **metadata: Any
+) -> httpx.Response:
+    body: dict[str, Any] = {"code": code}
+    if metadata:
+        body["metadata"] = metadata
+    return await http.post(f"/api/kernels/{kernel_id}/execute", json=body)
+
+
+async def poll(http: httpx.AsyncClient, url: str, timeout: float = 30) -> httpx.Response:
+    """Poll a request until it is not pending (202) any more."""
+    latest: list[httpx.Response] = []
+
+    async def settled() -> bool:
+        latest.append(await http.get(url))
+        return latest[-1].status_code != 202
+
+    end = time.monotonic() + timeout
+    while not await settled():
+        assert time.monotonic() < end, f"{url} still pending after {timeout} s"
+        await anyio.sleep(0.1)
+    return latest[-1]
+
+
+async def test_nbmodel_request_result_is_handed_out_once(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    async with http_client(dserver) as http:
+        response = await post_code(http, dkernel, "print('hello')\n6 * 7")
+        assert response.status_code == 202, response.text
+        url = response.headers["Location"]
+        assert re.fullmatch(rf"/api/kernels/{dkernel}/requests/[0-9a-f-]{{36}}", url)
+        assert response.headers["Access-Control-Expose-Headers"] == "Location"
+        body = response.json()
+        assert body["request_url"] == url and url.endswith(body["request_id"])
+        assert body["request_status"] == "queued" and body["pending"] is True
+        assert json.loads(body["outputs"]) == []
+        listed = (await http.get(f"/api/kernels/{dkernel}/execute")).json()
+        assert listed["kernel_id"] == dkernel
+        assert [r["request_id"] for r in listed["requests"]] == [body["request_id"]]
+
+        done = await poll(http, url)
+        assert done.status_code == 200, done.text
+        result = done.json()
+        assert result["status"] == "ok" and result["execution_count"] == 1
+        assert json.loads(result["outputs"]) == [
+            stream("hello\n"),
+            {
+                "output_type": "execute_result",
+                "data": {"text/plain": "42"},
+                "metadata": {},
+                "execution_count": 1,
+            },
+        ]
+        again = await http.get(url)
+        assert again.status_code == 404 and "handed out" in again.json()["message"]
+        listed = (await http.get(f"/api/kernels/{dkernel}/execute")).json()
+        assert listed["requests"] == []
+        missing = await post_code(http, "no-such-kernel", "1")
+        assert missing.status_code == 404 and "no-such-kernel" in missing.json()["message"]
+        bad = await http.post(f"/api/kernels/{dkernel}/execute", json={"code": 1})
+        assert bad.status_code == 422
+
+
+async def test_nbmodel_input_in_a_kernels_first_request(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    async with http_client(dserver) as http:
+        response = await post_code(http, dkernel, "answer = input('Age:')\nanswer")
+        assert response.status_code == 202, response.text
+        url = response.headers["Location"]
+        waiting = await poll(http, url)
+        assert waiting.status_code == 300, waiting.text
+        assert waiting.headers["Location"] == f"/api/kernels/{dkernel}/input"
+        body = waiting.json()
+        assert body["input_request"] == {"prompt": "Age:", "password": False}
+        assert body["parent_header"]["msg_type"] == "input_request"
+        # Polled again while it waits: the same answer, nothing handed out.
+        assert (await http.get(url)).status_code == 300
+        reply = await http.post(f"/api/kernels/{dkernel}/input", json={"input": "42"})
+        assert reply.status_code == 201, reply.text
+        done = await poll(http, url)
+        assert done.status_code == 200, done.text
+        outputs = json.loads(done.json()["outputs"])
+        assert outputs[-1]["data"] == {"text/plain": "'42'"}
+        nothing = await http.post(f"/api/kernels/{dkernel}/input", json={"input": "x"})
+        assert nothing.status_code == 409 and "not waiting" in nothing.json()["message"]
+
+
+async def test_nbmodel_stop_on_error_and_streaming_into_the_cell(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    cells = {"fails": "1 / 0", "skipped": "print('never')"}
+    path = write_notebook(dserver.root, "nbmodel.ipynb", cells)
+    doc_id = shared(dserver, path)
+    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
+        nb = await opened(doc, len(cells))
+        urls = []
+        for cell_id, code in cells.items():
+            response = await post_code(
+                http,
+                dkernel,
+                code,
+                cell_id=cell_id,
+                document_id=doc_id,
+                document_path=path,
+                record_timing=False,
+            )
+            assert response.status_code == 202, response.text
+            urls.append(response.headers["Location"])
+        failed = await poll(http, urls[0])
+        assert failed.status_code == 200 and failed.json()["status"] == "error"
+        assert json.loads(failed.json()["outputs"])[0]["ename"] == "ZeroDivisionError"
+        cancelled = await poll(http, urls[1])
+        assert cancelled.status_code == 500, cancelled.text
+        assert "earlier" in cancelled.json()["message"]
+        # The outputs went into the shared cell as well, with its count and no [*] left.
+        await until(lambda: nb.is_done("fails") and nb.is_done("skipped"), what="cells done")
+        assert nb.outputs("fails")[0]["ename"] == "ZeroDivisionError"
+        assert nb.json("fails")["execution_count"] == 1
+        assert nb.state("fails") is None and nb.state("skipped") is None
+
+
+async def test_a_notebook_renamed_while_a_cell_runs_is_saved_under_its_new_name(
+    dserver: JupyverseServer, dkernel: str
+) -> None:
+    cells = {"long": PRINTER.format(n=8)}
+    path = write_notebook(dserver.root, "before.ipynb", cells)
+    doc_id = shared(dserver, path)
+    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
+        nb = await opened(doc, len(cells))
+        assert (await execute(http, dkernel, doc_id, "long")).status_code == 202
+        await until(lambda: nb.outputs("long"), what="the cell running")
+        response = await http.patch("/api/contents/before.ipynb", json={"path": "after.ipynb"})
+        assert response.status_code == 200, response.text
+    expected = "".join(f"line {i}\n" for i in range(8))
+
+    def saved_complete() -> bool:
+        if not (dserver.root / "after.ipynb").exists():
+            return False
+        saved = saved_cells(dserver, "after.ipynb")
+        return bool(saved) and saved["long"]["execution_count"] == 1
+
+    await until(saved_complete, timeout=60, what="the outputs saved under the new name")
+    assert saved_cells(dserver, "after.ipynb")["long"]["outputs"] == [stream(expected)]
+    assert_valid(dserver, "after.ipynb")
+    assert not (dserver.root / "before.ipynb").exists()
+    assert not dserver.server_tracebacks(), dserver.read_log()[-6000:]
+
+
+async def test_nbmodel_input_over_curve_encrypted_sockets(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    srv = JupyverseServer(
+        tmp_path_factory.mktemp("durable-curve"),
+        kernels={"require_yjs": True, "transport_encryption": "required"},
+        yjs=True,
+    )
+    srv.start()
+    try:
+        async with http_client(srv) as http:
+            response = await http.post("/api/kernels", json={"name": "python3"})
+            assert response.status_code == 201, response.text
+            kernel_id = response.json()["id"]
+            response = await post_code(http, kernel_id, "input('Curve? ')")
+            url = response.headers["Location"]
+            waiting = await poll(http, url)
+            assert waiting.status_code == 300, waiting.text
+            assert waiting.json()["input_request"]["prompt"] == "Curve? "
+            reply = await http.post(f"/api/kernels/{kernel_id}/input", json={"input": "yes"})
+            assert reply.status_code == 201
+            done = await poll(http, url)
+            assert json.loads(done.json()["outputs"])[-1]["data"] == {"text/plain": "'yes'"}
+    finally:
+        srv.stop()
+    assert not srv.server_tracebacks(), srv.read_log()[-6000:]
