@@ -428,13 +428,16 @@ class KernelServer:
         pending: list[str] = []
         process = self._process
         exited = asyncio.ensure_future(process.wait()) if process is not None else None
+        # One waiter for the whole wait, cancelled however the wait ends (a start cancelled
+        # by a stop must leave no pending task behind).
+        iopub_seen = asyncio.ensure_future(self._iopub_seen.wait())
         try:
             while True:
-                if not replied.done() or not self._iopub_seen.is_set():
+                if not replied.done() or not iopub_seen.done():
                     pending.append(self._request("shell", "kernel_info_request", {}, replied))
-                wait_for: set[asyncio.Future[Any]] = {replied} if not replied.done() else set()
-                if not self._iopub_seen.is_set():
-                    wait_for.add(asyncio.ensure_future(self._iopub_seen.wait()))
+                wait_for: set[asyncio.Future[Any]] = {
+                    future for future in (replied, iopub_seen) if not future.done()
+                }
                 if not wait_for:
                     break
                 if exited is not None:
@@ -450,9 +453,6 @@ class KernelServer:
                     timeout=min(_INFO_RETRY, remaining),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                for future in wait_for:
-                    if future is not replied and future is not exited:
-                        future.cancel()
                 if exited is not None and exited.done():
                     raise KernelStartError(
                         f"Kernel {self.kernel_name!r} {describe_exit(exited.result())} "
@@ -461,8 +461,9 @@ class KernelServer:
         finally:
             for msg_id in pending:
                 self._own_requests.pop(msg_id, None)
-            if exited is not None and not exited.done():
-                exited.cancel()
+            for future in (exited, iopub_seen):
+                if future is not None and not future.done():
+                    future.cancel()
         for channel, linked in self._linked.items():
             try:
                 await asyncio.wait_for(linked.wait(), max(deadline - loop.time(), 0.1))
