@@ -36,24 +36,36 @@ def _rss_kib(pid: int) -> int:
 
 
 @pytest.mark.parametrize("protocol", ["v1", "legacy"])
-async def test_replay_after_a_drop(server: JupyverseServer, kernel: str, protocol: str) -> None:
+async def test_replay_after_a_drop(
+    server: JupyverseServer, kernel: str, protocol: str, tmp_path: Path
+) -> None:
     session_id = uuid.uuid4().hex
     first = await KernelClient.connect(server.ws_url, kernel, protocol, session_id=session_id)
+    away, back = tmp_path / "away", tmp_path / "back"
+    # The cell waits for the test's signs (files), not for a time: on a loaded machine a
+    # drop may come late, and lines sent before it would be in flight to the dead socket.
     code = (
-        "import time\n"
+        "import os, sys, time\n"
+        "def wait(path):\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while not os.path.exists(path) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.05)\n"
         "for i in range(0, 100): print(i)\n"
-        "time.sleep(1.5)\n"  # the client is away now
+        "sys.stdout.flush()\n"
+        f"wait({str(away)!r})\n"  # the client is away now
         "for i in range(100, 3000): print(i)\n"
-        "time.sleep(1.5)\n"  # and back
+        "sys.stdout.flush()\n"
+        f"wait({str(back)!r})\n"  # and back
         "for i in range(3000, 3100): print(i)\n"
     )
     msg_id = await first.execute(code)
     before = await first.until(
         lambda m: m.msg_type == "stream" and m.content["text"].rstrip().endswith("99")
     )
-    await first.ws.transport.abort() if False else first.ws.transport.abort()
-    await anyio.sleep(1.0)
+    first.ws.transport.abort()
+    away.touch()
     second = await KernelClient.connect(server.ws_url, kernel, protocol, session_id=session_id)
+    back.touch()
     try:
         after = await second.until_idle(msg_id, timeout=30)
         text = _stdout(before, msg_id) + _stdout(after, msg_id)
@@ -163,8 +175,10 @@ async def test_memory_stays_flat_under_a_flood_to_a_slow_reader(
                         break
                 peak = max(peak, _rss_kib(srv.process.pid))
         assert lines == 1_000_000  # the fast client got every line
-        # the slow one cost at most its bound (200 kB) plus noise, not the whole output
-        assert (peak - start_rss) < 60 * 1024, (start_rss, peak)
+        # the slow one cost at most its bound (200 kB) plus noise, not the whole output (a
+        # million messages, several hundred MB on the wire); the noise includes what ZMQ
+        # queues while a loaded machine lets the server read behind the kernel
+        assert (peak - start_rss) < 120 * 1024, (start_rss, peak)
         slow.ws.transport.abort()
         await fast.close()
         await http.delete(f"/api/kernels/{kernel_id}")

@@ -302,7 +302,8 @@ async def test_output_the_kernel_dropped_is_told_in_the_cell(
     were lost, before the cell's idle status."""
     assert server.process is not None
     probe = _kernel_iopub(server, kernel)
-    client = await KernelClient.connect(server.ws_url, kernel)
+    # No keepalive pings from the client: the server cannot answer them while frozen.
+    client = await KernelClient.connect(server.ws_url, kernel, ping_interval=None)
     try:
         with anyio.fail_after(60):  # the probe's subscription reached the kernel
             while True:

@@ -15,6 +15,14 @@ from .conftest import JupyverseServer, kernel_pid, kernel_processes
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
+def wait_until_idle(client: httpx.Client, kernel_id: str, timeout: float = 60) -> None:
+    """POST answers at launch: the process may still be between fork and exec."""
+    deadline = time.monotonic() + timeout
+    while client.get(f"/api/kernels/{kernel_id}").json()["execution_state"] != "idle":
+        assert time.monotonic() < deadline, f"kernel {kernel_id} not idle within {timeout} s"
+        time.sleep(0.1)
+
+
 def test_kernelspecs_listed_with_resources(client: httpx.Client, server: JupyverseServer) -> None:
     response = client.get("/api/kernelspecs")
     assert response.status_code == 200
@@ -207,6 +215,7 @@ def test_kernel_cwd_and_environment(client: httpx.Client, server: JupyverseServe
     session = response.json()
     kernel_id = session["kernel"]["id"]
     try:
+        wait_until_idle(client, kernel_id)
         pid = kernel_pid(server.runtime_dir, kernel_id)
         assert os.readlink(f"/proc/{pid}/cwd") == str((server.root / "sub").resolve())
         env = dict(
@@ -225,6 +234,7 @@ def test_kernel_cwd_and_environment(client: httpx.Client, server: JupyverseServe
     escaping = client.post("/api/kernels", json={"path": "../../../etc/x.ipynb"})
     assert escaping.status_code == 201
     try:
+        wait_until_idle(client, escaping.json()["id"])
         pid = kernel_pid(server.runtime_dir, escaping.json()["id"])
         assert os.readlink(f"/proc/{pid}/cwd") == str(server.root.resolve())
     finally:

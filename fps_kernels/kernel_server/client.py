@@ -184,6 +184,11 @@ class ClientConnection:
                     async with self._writing:
                         if self.websocket is websocket and self._queue:
                             await self._write_head(websocket)
+                    # A write to a connection the peer reset goes nowhere, silently, until
+                    # asyncio runs connection_lost on a later turn of the loop; uvicorn's send
+                    # returns without yielding meanwhile. Yield, so that the next write raises
+                    # (and its message stays queued) instead of draining the mailbox away.
+                    await asyncio.sleep(0)
                 if self._close_with is not None and self.websocket is websocket:
                     code, reason = self._close_with
                     await websocket.close(code=code, reason=reason)
