@@ -71,14 +71,17 @@ def _config(port: int) -> dict[str, Any]:
     }
 
 
-class JupyverseProcess:
-    """Starts `asphalt run config.yaml` in `home` and stops it by its pid."""
+class ServerProcess:
+    """A server run as its own process on a free 127.0.0.1 port, stopped by its pid; its
+    kernels' connection files go to its own runtime dir. Subclasses say how to run it."""
 
-    def __init__(self, home: Path) -> None:
+    name = "server"
+
+    def __init__(self, home: Path, prefix: str = "server") -> None:
         self.home = home
-        self.runtime_dir = home / "server-runtime"
-        self.cwd = home / "server-root"
-        self.log_path = home / "server.log"
+        self.runtime_dir = home / f"{prefix}-runtime"
+        self.cwd = home / f"{prefix}-root"
+        self.log_path = home / f"{prefix}.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -88,22 +91,19 @@ class JupyverseProcess:
     @property
     def pid(self) -> int:
         if self.process is None:
-            raise RuntimeError("jupyverse is not running")
+            raise RuntimeError(f"{self.name} is not running")
         return self.process.pid
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self, timeout: float = 60) -> None:
         for path in (self.runtime_dir, self.cwd):
             path.mkdir(parents=True, exist_ok=True)
-        config_file = self.home / "config.yaml"
-        config_file.write_text(yaml.safe_dump(_config(self.port)))
         env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime_dir), JUPYTER_PLATFORM_DIRS="1")
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "asphalt"), "run", str(config_file)],
-            cwd=self.cwd,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self.command(), cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
         self._wait_until_up(timeout)
 
@@ -112,16 +112,16 @@ class JupyverseProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"jupyverse exited at start:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
             try:
                 httpx.get(f"{self.url}/api/kernelspecs", timeout=1)
                 return
             except httpx.TransportError:
                 time.sleep(0.1)
-        raise RuntimeError(f"jupyverse did not answer within {timeout:g} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} did not answer within {timeout:g} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM (jupyverse then stops its kernels), wait, SIGKILL if it hangs."""
+        """SIGTERM (the server then stops its kernels), wait, SIGKILL if it hangs."""
         process, self.process = self.process, None
         if process is None:
             return None
@@ -147,6 +147,17 @@ class JupyverseProcess:
         # by the record's level only: kernels' own stderr is logged at INFO and often says WARNING
         problem = re.compile(r"^\[\S+ \S+ (WARNING|ERROR|CRITICAL) |^Traceback")
         return [line for line in self.log_text().splitlines() if problem.match(line)]
+
+
+class JupyverseProcess(ServerProcess):
+    """This project's jupyverse: `asphalt run config.yaml` in `home`."""
+
+    name = "jupyverse"
+
+    def command(self) -> list[str]:
+        config_file = self.home / "config.yaml"
+        config_file.write_text(yaml.safe_dump(_config(self.port)))
+        return [str(Path(sys.executable).parent / "asphalt"), "run", str(config_file)]
 
 
 def kill_leftovers(runtime_dirs: list[Path]) -> list[int]:

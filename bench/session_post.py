@@ -16,85 +16,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import IO
 
 import httpx
 from clients import WsConn
-from serverproc import JupyverseProcess, free_port, kill_leftovers
+from serverproc import JupyverseProcess, ServerProcess, kill_leftovers
 
 TARGET = 1.5
 
 
-class JupyterServerProcess:
+class JupyterServerProcess(ServerProcess):
     """`python -m jupyter_server` on a free 127.0.0.1 port, no token, stopped by its pid."""
 
+    name = "jupyter_server"
+
     def __init__(self, home: Path) -> None:
-        self.runtime_dir = home / "js-runtime"
-        self.cwd = home / "js-root"
-        self.log_path = home / "jupyter_server.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(home, prefix="js")
 
-    def start(self, timeout: float = 60) -> None:
-        for path in (self.runtime_dir, self.cwd):
-            path.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime_dir), JUPYTER_PLATFORM_DIRS="1")
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                f"--ServerApp.port={self.port}",
-                "--ServerApp.ip=127.0.0.1",
-                "--ServerApp.token=",
-                "--ServerApp.open_browser=False",
-                "--ServerApp.allow_root=True",
-                "--ServerApp.disable_check_xsrf=True",
-                f"--ServerApp.root_dir={self.cwd}",
-            ],
-            cwd=self.cwd,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"jupyter_server exited at start, see {self.log_path}")
-            try:
-                httpx.get(f"{self.url}/api/kernelspecs", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"jupyter_server did not answer within {timeout:g} s")
-
-    def stop(self, timeout: float = 30) -> int | None:
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        if self._log is not None:
-            self._log.close()
-        return process.returncode
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.token=",
+            "--ServerApp.open_browser=False",
+            "--ServerApp.allow_root=True",
+            "--ServerApp.disable_check_xsrf=True",
+            f"--ServerApp.root_dir={self.cwd}",
+        ]
 
 
 async def post_session(http: httpx.AsyncClient) -> tuple[float, float, dict[str, object]]:
