@@ -36,7 +36,11 @@ with open(os.path.join(marks, f"{os.getpid()}.pid"), "w") as f:
 print("slow kernel: waking up in a while", flush=True)
 if mode == "hang":
     time.sleep(600)
-time.sleep(float(os.environ.get("SLOW_KERNEL_SLEEP", "4")))
+# Sleeps its time, or longer while the test holds it (a `<pid>.hold` file in `marks`).
+deadline = time.monotonic() + float(os.environ.get("SLOW_KERNEL_SLEEP", "4"))
+hold = os.path.join(marks, f"{os.getpid()}.hold")
+while time.monotonic() < deadline or (os.path.exists(hold) and time.monotonic() < deadline + 120):
+    time.sleep(0.05)
 if mode == "exit":
     print("slow kernel: giving up, no module named nowhere", flush=True)
     sys.exit(5)
@@ -148,6 +152,8 @@ async def test_session_answers_while_the_kernel_starts_and_runs_what_was_sent(
         session = response.json()
         kernel_id = session["kernel"]["id"]
         pid = _pid_of(srv, kernel_id)
+        hold = _marks(srv) / f"{pid}.hold"
+        hold.touch()  # the kernel sleeps until the request below was sent
         # Answered while the kernel still slept: it could not have replied to anything.
         assert _still_sleeping(pid), "the POST waited for the kernel"
         assert session["kernel"]["execution_state"] == "starting"
@@ -156,9 +162,12 @@ async def test_session_answers_while_the_kernel_starts_and_runs_what_was_sent(
             client = await KernelClient.connect(srv.ws_url, kernel_id)
             msg_id = await client.execute("print('sent while starting')")
             assert _still_sleeping(pid)
+            hold.unlink()
             msgs = await client.until_idle(msg_id, timeout=60)
             replies = [m for m in msgs if m.msg_type == "execute_reply"]
-            assert replies and replies[0].content["status"] == "ok"
+            if not replies:  # shell and iopub are not ordered: the reply may follow the idle
+                replies = (await client.until(lambda m: m.msg_type == "execute_reply"))[-1:]
+            assert replies[0].parent_id == msg_id and replies[0].content["status"] == "ok"
             stdout = [
                 m.content["text"] for m in msgs if m.msg_type == "stream" and m.parent_id == msg_id
             ]
