@@ -165,16 +165,22 @@ async def test_memory_stays_flat_under_a_flood_to_a_slow_reader(
         peak = start_rss
         msg_id = await fast.execute("for i in range(1_000_000): print(i)")
         lines = 0
+        told = False
         with anyio.fail_after(120):
             while True:
                 msg = await fast.receive(60)
                 if msg.msg_type == "stream" and msg.parent_id == msg_id:
-                    lines += msg.content["text"].count("\n")
+                    if "were dropped for this client" in msg.content["text"]:
+                        told = True
+                    else:
+                        lines += msg.content["text"].count("\n")
                 if msg.msg_type == "status" and msg.parent_id == msg_id:
                     if msg.content["execution_state"] == "idle":
                         break
                 peak = max(peak, _rss_kib(srv.process.pid))
-        assert lines == 1_000_000  # the fast client got every line
+        # the fast client got every line; on a loaded machine it may fall behind its own
+        # bound too, and is then told in the cell: never a silent loss
+        assert lines == 1_000_000 or (told and lines < 1_000_000), lines
         # the slow one cost at most its bound (200 kB) plus noise, not the whole output (a
         # million messages, several hundred MB on the wire); the noise includes what ZMQ
         # queues while a loaded machine lets the server read behind the kernel

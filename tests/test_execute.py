@@ -230,13 +230,18 @@ async def test_every_kind_of_output_as_jupyterlab_writes_it(
         assert counts == list(range(1, len(OUTPUT_CELLS)))
 
         # fps-yjs saves the document: the file holds the same outputs, nbformat 4 only.
-        def saved() -> dict[str, Any] | None:
-            data = json.loads((yserver.root / path).read_text())
+        def saved() -> tuple[dict[str, Any], str] | None:
+            # read while fps-contents writes it, the file may be empty or cut: not saved yet
+            text = (yserver.root / path).read_text()
+            try:
+                data = json.loads(text)
+            except ValueError:
+                return None
             cells = {cell["id"]: cell for cell in data["cells"]}
-            return cells if cells["input"]["outputs"] else None
+            return (cells, text) if cells["input"]["outputs"] else None
 
-        cells = await until(saved, what="the notebook saved")
-        nbformat.validate(nbformat.reads((yserver.root / path).read_text(), as_version=4))
+        cells, text = await until(saved, what="the notebook saved")
+        nbformat.validate(nbformat.reads(text, as_version=4))
         for cell_id in OUTPUT_CELLS:
             assert cells[cell_id]["outputs"] == nb.outputs(cell_id), cell_id
             assert "execution_status" not in cells[cell_id]

@@ -58,14 +58,25 @@ def dkernel(dserver: JupyverseServer) -> Iterator[str]:
 
 
 def saved_cells(server: JupyverseServer, path: str) -> dict[str, Any]:
-    text = (server.root / path).read_text()
-    if not text.strip():
+    # read while fps-contents writes it, the file may be empty or cut: nothing saved yet
+    try:
+        data = json.loads((server.root / path).read_text())
+    except ValueError:
         return {}
-    return {cell["id"]: cell for cell in json.loads(text)["cells"]}
+    return {cell["id"]: cell for cell in data["cells"]}
 
 
 def assert_valid(server: JupyverseServer, path: str) -> None:
-    nbformat.validate(nbformat.reads((server.root / path).read_text(), as_version=4))
+    deadline = time.monotonic() + 30
+    while True:
+        text = (server.root / path).read_text()
+        try:
+            json.loads(text)
+            break
+        except ValueError:  # caught in the middle of a save: read it again
+            assert time.monotonic() < deadline, "the notebook stays unreadable"
+            time.sleep(0.2)
+    nbformat.validate(nbformat.reads(text, as_version=4))
 
 
 # --- the prompt --------------------------------------------------------------------------
