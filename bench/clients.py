@@ -1,4 +1,6 @@
-"""Kernel clients with one interface: over the jupyverse WebSocket (v1 or legacy) or direct ZMQ.
+"""Kernel clients with one interface: over the jupyverse WebSocket (v1 or legacy), direct ZMQ
+through jupyter_client, or raw ZMQ (the kernel's frames read as lightly as a WebSocket client
+reads the server's).
 
 The workloads only need four operations: send a request, read the next iopub message, wait
 for the reply to a request, close. Timeouts are applied by the callers around whole
@@ -7,6 +9,8 @@ operations, so that the per-message paths stay free of timer bookkeeping.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 import uuid
@@ -16,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
@@ -242,3 +248,77 @@ class DirectConn(KernelConn):
 
     async def close(self) -> None:
         self.client.stop_channels()
+
+
+DELIMITER = b"<IDS|MSG>"
+
+
+class RawConn(KernelConn):
+    """ZMQ straight to the kernel with the least a client must do: sign what it sends, check
+    the signature of what arrives, split the frames and parse the JSON parts a WebSocket
+    client parses too (header, parent header, content; never metadata). The physical limit
+    of a client that parses what it reads as the WebSocket ways do."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        context = zmq.asyncio.Context.instance()
+        self.session = uuid.uuid4().hex
+        key = info["key"]
+        self._key = key if isinstance(key, bytes) else str(key).encode()
+        scheme = str(info.get("signature_scheme", "hmac-sha256"))
+        self._digest = getattr(hashlib, scheme.removeprefix("hmac-"))
+        base = f"{info.get('transport', 'tcp')}://{info['ip']}:"
+        self.shell = context.socket(zmq.DEALER)
+        self.shell.setsockopt(zmq.LINGER, 0)
+        self.shell.connect(base + str(info["shell_port"]))
+        self.iopub = context.socket(zmq.SUB)
+        self.iopub.setsockopt(zmq.LINGER, 0)
+        self.iopub.setsockopt(zmq.RCVHWM, 0)
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.iopub.connect(base + str(info["iopub_port"]))
+        self._replies: dict[str, Msg] = {}
+
+    def _sign(self, parts: Sequence[bytes]) -> bytes:
+        if not self._key:
+            return b""
+        mac = hmac.new(self._key, digestmod=self._digest)
+        for part in parts:
+            mac.update(part)
+        return mac.hexdigest().encode()
+
+    def _parse(self, channel: str, frames: list[bytes]) -> Msg:
+        index = frames.index(DELIMITER)
+        signature, *parts = frames[index + 1 : index + 6]
+        if not hmac.compare_digest(signature, self._sign(parts)):
+            raise RuntimeError("a kernel message with a wrong signature")
+        header, parent, _metadata, content = parts
+        return Msg(
+            channel,
+            json.loads(header),
+            json.loads(parent),
+            json.loads(content),
+            list(frames[index + 6 :]),
+        )
+
+    async def send(
+        self, channel: str, msg_type: str, content: dict[str, Any], buffers: Sequence[Buffer] = ()
+    ) -> str:
+        if channel != "shell":
+            raise ValueError(f"the raw ZMQ client only sends on shell, not {channel}")
+        header = new_header(msg_type, self.session)
+        parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
+        await self.shell.send_multipart([DELIMITER, self._sign(parts), *parts, *buffers])
+        return str(header["msg_id"])
+
+    async def next_iopub(self) -> Msg:
+        return self._parse("iopub", await self.iopub.recv_multipart())
+
+    async def reply_to(self, msg_id: str) -> Msg:
+        while msg_id not in self._replies:
+            msg = self._parse("shell", await self.shell.recv_multipart())
+            if msg.parent_id is not None:
+                self._replies[msg.parent_id] = msg
+        return self._replies.pop(msg_id)
+
+    async def close(self) -> None:
+        self.shell.close(linger=0)
+        self.iopub.close(linger=0)

@@ -69,8 +69,8 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def ratio_text(ratio: float, metric: Metric) -> str:
-    return f"{ratio:.2f}x slower" if not metric.higher_is_better else f"{ratio:.2f} of direct"
+def ratio_text(ratio: float, metric: Metric, base: str = "direct") -> str:
+    return f"{ratio:.2f}x slower" if not metric.higher_is_better else f"{ratio:.2f} of {base}"
 
 
 def target_text(ratio: float | None, metric: Metric) -> str:
@@ -84,37 +84,46 @@ def target_text(ratio: float | None, metric: Metric) -> str:
     return f"{want}: {'met' if met else 'MISSED'}"
 
 
-def _row(results: Results, workload: Workload, metric: Metric, way: Way, direct: Way) -> str:
+def _ratio(
+    results: Results, workload: Workload, metric: Metric, way: Way, base: Way, median: float
+) -> float | None:
+    """median / the median of `base`, for a way other than `base` (None if not measured)."""
+    values = results.values(workload, base, metric)
+    if way == base or not metric.ratio or not values:
+        return None
+    return median / statistics.median(values)
+
+
+def _row(
+    results: Results, workload: Workload, metric: Metric, way: Way, direct: Way, raw: Way
+) -> str:
     values = results.values(workload, way, metric)
     failures = results.failed(workload, way)
     cells = [f"{workload.key}. {workload.title}", metric.label, way.name]
     if not values:
         reason = failures[0].reason if failures else "no data"
-        return "| " + " | ".join([*cells, f"failed: {reason}", "", "", "", ""]) + " |"
+        return "| " + " | ".join([*cells, f"failed: {reason}", "", "", "", "", ""]) + " |"
     median = statistics.median(values)
     cells += [fmt(median), fmt(min(values)), fmt(max(values))]
-    ratio = None
-    base = results.values(workload, direct, metric)
-    if way.kind != "direct" and metric.ratio and base:
-        ratio = median / statistics.median(base)
-        cells.append(ratio_text(ratio, metric))
-    else:
-        cells.append("")
-    cells.append(target_text(ratio, metric) if way.kind != "direct" else "")
+    ratio = _ratio(results, workload, metric, way, direct, median)
+    cells.append(ratio_text(ratio, metric) if ratio is not None else "")
+    vs_raw = _ratio(results, workload, metric, way, raw, median)
+    cells.append(ratio_text(vs_raw, metric, "raw") if vs_raw is not None else "")
+    cells.append(target_text(ratio, metric) if way.kind == "ws" else "")
     if failures:
         cells[-1] += f" ({len(failures)} round(s) failed)"
     return "| " + " | ".join(cells) + " |"
 
 
-def table(results: Results, workloads: list[Workload], direct: Way) -> str:
+def table(results: Results, workloads: list[Workload], direct: Way, raw: Way) -> str:
     lines = [
-        "| workload | metric | way | median | min | max | vs direct | target |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| workload | metric | way | median | min | max | vs direct | vs raw ZMQ | target |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for workload in workloads:
         for metric in workload.metrics:
             for way in workload.ways:
-                lines.append(_row(results, workload, metric, way, direct))
+                lines.append(_row(results, workload, metric, way, direct, raw))
     lines.append(_memory_row(results))
     return "\n".join(lines)
 
@@ -122,7 +131,7 @@ def table(results: Results, workloads: list[Workload], direct: Way) -> str:
 def _memory_row(results: Results) -> str:
     label = "| server memory | MiB per idle kernel | jupyverse | "
     if results.memory_error:
-        return label + f"failed: {results.memory_error} | | | | |"
+        return label + f"failed: {results.memory_error} | | | | | |"
     m = results.memory
     per = m["mib_per_kernel"]
     detail = (
@@ -130,4 +139,4 @@ def _memory_row(results: Results) -> str:
         f"{fmt(m['rss_n_kernels_mib'])} MiB with {m['kernels']:.0f}"
     )
     verdict = "met" if per < 2 else "MISSED"
-    return label + f"{per:.2f} | | | {detail} | <2 MiB: {verdict} |"
+    return label + f"{per:.2f} | | | {detail} | | <2 MiB: {verdict} |"

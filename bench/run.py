@@ -31,6 +31,7 @@ from workloads import (
     ALL_WAYS,
     BASIC_WAYS,
     DIRECT,
+    RAW_ZMQ,
     WS_V1_DEFLATE,
     Bench,
     CheckFailed,
@@ -236,8 +237,10 @@ async def run_all(bench: Bench, results: Results, chosen: list[Workload], rounds
         if way.kind == "ws":
             bench.ws_kernels[way.name] = await bench.post_kernel()
     bench.direct_km = await bench.start_direct_kernel()
-    conn = await bench.connect(DIRECT)  # the direct kernel answers before anything is timed
-    await conn.close()
+    bench.raw_km = await bench.start_direct_kernel()
+    for way in (DIRECT, RAW_ZMQ):  # the ZMQ kernels answer before anything is timed
+        conn = await bench.connect(way)
+        await conn.close()
     print(f"\npermessage-deflate answer of the server: {await check_deflate(bench)}")
     for workload in chosen:
         await run_workload(bench, results, workload, rounds)
@@ -400,7 +403,7 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(home, ignore_errors=True)
 
-    print("\n" + table(results, chosen, DIRECT))
+    print("\n" + table(results, chosen, DIRECT, RAW_ZMQ))
     print_failures(results)
     if leftovers:
         print(f"\n!!! kernels left running after the server stopped (killed): {leftovers}")

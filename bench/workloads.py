@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 import httpx
-from clients import DirectConn, KernelConn, Msg, WsConn, WsProtocol
+from clients import DirectConn, KernelConn, Msg, RawConn, WsConn, WsProtocol
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 from serverproc import JupyverseProcess, rss_mib
@@ -35,18 +35,19 @@ class BenchError(Exception):
 @dataclass(frozen=True)
 class Way:
     name: str
-    kind: Literal["direct", "ws"]
+    kind: Literal["direct", "raw", "ws"]
     protocol: WsProtocol = "v1"
     deflate: bool = False
 
 
 DIRECT = Way("direct", "direct")
+RAW_ZMQ = Way("raw-zmq", "raw")
 WS_V1 = Way("ws-v1", "ws", "v1")
 WS_LEGACY = Way("ws-legacy", "ws", "legacy")
 WS_V1_DEFLATE = Way("ws-v1+deflate", "ws", "v1", deflate=True)
 WS_LEGACY_DEFLATE = Way("ws-legacy+deflate", "ws", "legacy", deflate=True)
 BASIC_WAYS = (DIRECT, WS_V1, WS_LEGACY)
-ALL_WAYS = (DIRECT, WS_V1, WS_LEGACY, WS_V1_DEFLATE, WS_LEGACY_DEFLATE)
+ALL_WAYS = (DIRECT, RAW_ZMQ, WS_V1, WS_LEGACY, WS_V1_DEFLATE, WS_LEGACY_DEFLATE)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class Bench:
     ws_kernels: dict[str, str] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     direct_km: AsyncKernelManager | None = None
+    #: the raw ZMQ way's kernel (its own, as every way has)
+    raw_km: AsyncKernelManager | None = None
     managers: list[AsyncKernelManager] = field(default_factory=list)
     kernel_log: IO[bytes] | None = None
     transfer_payload: bytes = b""
@@ -126,11 +129,13 @@ class Bench:
             self.managers.remove(km)
 
     async def stop_stray_direct_kernels(self) -> None:
-        """Every direct kernel but the shared one goes (after a failed measurement)."""
-        await self.stop_all_direct_kernels(keep=self.direct_km)
+        """Every direct kernel but the shared ones goes (after a failed measurement)."""
+        await self.stop_all_direct_kernels(keep=(self.direct_km, self.raw_km))
 
-    async def stop_all_direct_kernels(self, keep: AsyncKernelManager | None = None) -> None:
-        for km in [m for m in self.managers if m is not keep]:
+    async def stop_all_direct_kernels(
+        self, keep: tuple[AsyncKernelManager | None, ...] = ()
+    ) -> None:
+        for km in [m for m in self.managers if m not in keep]:
             try:
                 await asyncio.wait_for(km.shutdown_kernel(now=True), 15)
             except Exception as error:  # cleanup goes on whatever one kernel does
@@ -169,6 +174,9 @@ class Bench:
         if way.kind == "direct":
             assert self.direct_km is not None
             conn = self.direct_client(self.direct_km)
+        elif way.kind == "raw":
+            assert self.raw_km is not None
+            conn = RawConn(self.raw_km.get_connection_info(session=False))
         else:
             conn = await WsConn.open(
                 self.server.ws_url,
@@ -194,7 +202,11 @@ async def ensure_iopub(conn: KernelConn) -> None:
     """
     for _ in range(READY_ATTEMPTS):
         msg_id = await conn.send("shell", "kernel_info_request", {})
-        await conn.reply_to(msg_id)
+        try:
+            # a kernel still starting answers within its startup_timeout (60 s)
+            await asyncio.wait_for(conn.reply_to(msg_id), 90)
+        except asyncio.TimeoutError:
+            raise BenchError("no kernel_info_reply within 90 s") from None
         try:
             await asyncio.wait_for(iopub_until_idle(conn, msg_id), 1.0)
             return

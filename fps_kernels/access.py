@@ -20,14 +20,14 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
+from .kernel_server.close_codes import CloseCode
+
 logger = logging.getLogger(__name__)
 
 # Methods that change nothing: a foreign page cannot read their answers (no CORS headers),
 # so their Origin is not checked (their Host still is: a rebound name can read them).
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _HOST_PORT = re.compile(r"^(.*?)(:\d+)?$")
-# Close code before accept: the ASGI server answers the upgrade with HTTP 403.
-_WS_POLICY_VIOLATION = 1008
 
 
 def _normalize_origin(origin: str) -> str:
@@ -121,7 +121,7 @@ class AccessGuard:
         )
         if is_websocket:
             # Closing before the upgrade is accepted: the browser gets an HTTP 403.
-            raise WebSocketException(code=_WS_POLICY_VIOLATION, reason=refusal)
+            raise WebSocketException(code=CloseCode.POLICY_VIOLATION, reason=refusal)
         raise HTTPException(status_code=403, detail=refusal)
 
 

@@ -9,57 +9,57 @@ from jupyverse_api.kernels import KernelsConfig
 from pydantic import Field, field_validator
 
 from .gateway.config import GatewayConfig
-from .kernel_server.server import ServerSettings
+from .kernel_server.settings import DEFAULTS, ServerSettings
 
 
 class KernelsPluginConfig(KernelsConfig):
     startup_timeout: float = Field(
-        default=60.0,
+        default=DEFAULTS.startup_timeout,
         gt=0,
         description="Seconds a new or restarted kernel has to answer kernel_info before it "
         "counts as failed.",
     )
     shutdown_wait: float = Field(
-        default=3.0,
+        default=DEFAULTS.shutdown_wait,
         ge=0,
         description="Seconds to wait after each step of a shutdown (shutdown_request, "
         "SIGTERM, SIGKILL).",
     )
     capture_kernel_output: bool = Field(
-        default=True,
+        default=DEFAULTS.capture_kernel_output,
         description="Send the kernels' stdout and stderr to the server log.",
     )
     max_client_queue_bytes: int = Field(
-        default=32 * 1024 * 1024,
+        default=DEFAULTS.max_client_queue_bytes,
         gt=0,
         description="Bytes of kernel messages kept for one client that is behind or "
         "disconnected; past it, consecutive stream outputs are merged, then output is dropped "
         "(and the client told how much).",
     )
     offline_buffer_seconds: float = Field(
-        default=120.0,
+        default=DEFAULTS.offline_buffer_seconds,
         ge=0,
         description="Seconds the messages for a disconnected client are kept, to be replayed "
         "when it reconnects with the same session_id.",
     )
     max_message_bytes: int = Field(
-        default=128 * 1024 * 1024,
+        default=DEFAULTS.max_message_bytes,
         gt=0,
         description="Largest WebSocket message a client may send to a kernel; a larger one "
         "closes the socket with code 1009 and a log line.",
     )
     autorestart: bool = Field(
-        default=True,
+        default=DEFAULTS.autorestart,
         description="Restart a kernel that dies on its own, under the same id and ports.",
     )
     restart_limit: int = Field(
-        default=5,
+        default=DEFAULTS.restart_limit,
         ge=1,
         description="Deaths in a row right after a start (within stable_start_time, before "
         "running any cell) after which a kernel is left dead.",
     )
     stable_start_time: float = Field(
-        default=10.0,
+        default=DEFAULTS.stable_start_time,
         ge=0,
         description="Seconds a restarted kernel must live (or run a cell) to count as stable.",
     )
@@ -83,7 +83,7 @@ class KernelsPluginConfig(KernelsConfig):
         description="Also cull kernels that are busy (running a cell without output).",
     )
     transport_encryption: Literal["disabled", "auto", "required"] = Field(
-        default="disabled",
+        default=DEFAULTS.transport_encryption,
         description="CurveZMQ between the server and its kernels: 'auto' for kernelspecs "
         "whose metadata.supported_encryption lists 'curve', 'required' refuses the others.",
     )
@@ -145,14 +145,4 @@ class KernelsPluginConfig(KernelsConfig):
         return value
 
     def server_settings(self) -> ServerSettings:
-        return ServerSettings(
-            startup_timeout=self.startup_timeout,
-            shutdown_wait=self.shutdown_wait,
-            max_client_queue_bytes=self.max_client_queue_bytes,
-            offline_buffer_seconds=self.offline_buffer_seconds,
-            max_message_bytes=self.max_message_bytes,
-            autorestart=self.autorestart,
-            restart_limit=self.restart_limit,
-            stable_start_time=self.stable_start_time,
-            transport_encryption=self.transport_encryption,
-        )
+        return ServerSettings.from_config(self)

@@ -111,9 +111,9 @@ class ServerSideExecution:
         cell = await self._hold(key)
         try:
             driver.submit(key, cell, on_end=lambda: self._ended(key, cell))
-        except DriverError:
+        except DriverError as error:
             self.rooms.release(document_id)
-            raise Conflict(f"Kernel {kernel_id} was shut down: its cells cannot run") from None
+            raise Conflict(f"Kernel {kernel_id} was shut down: its cells cannot run") from error
         return {**answer, "status": "queued"}
 
     async def submit_request(
@@ -141,9 +141,9 @@ class ServerSideExecution:
 
         try:
             driver.submit(key, cell, code=code, observer=request, on_end=ended)
-        except DriverError:
+        except DriverError as error:
             ended()
-            raise Conflict(f"Kernel {kernel_id} was shut down: its cells cannot run") from None
+            raise Conflict(f"Kernel {kernel_id} was shut down: its cells cannot run") from error
         self.requests.add(request)
         return request
 
@@ -156,7 +156,7 @@ class ServerSideExecution:
                 raise NoPendingInput("no request ran on it")
             attached.driver.send_input(value)
         except NoPendingInput as error:
-            raise Conflict(f"Kernel {kernel_id} is not waiting for an input: {error}") from None
+            raise Conflict(f"Kernel {kernel_id} is not waiting for an input: {error}") from error
 
     async def close(self) -> None:
         for kernel_id in list(self._attached):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from .config import KernelsPluginConfig
@@ -23,20 +22,7 @@ class KernelRequest:
     username: str = ""
 
 
-class KernelLauncher(ABC):
-    """Gives a started KernelServer for a request, or raises a KernelsError."""
-
-    @abstractmethod
-    def kernelspecs(self) -> dict[str, KernelSpec]:
-        """The kinds of kernel this launcher can start, by name."""
-
-    @abstractmethod
-    async def launch(self, request: KernelRequest) -> KernelServer:
-        """Start or attach to the kernel: a launched one is returned as soon as its process
-        runs (still `starting`), one attached to once it answers."""
-
-
-class LocalLauncher(KernelLauncher):
+class LocalLauncher:
     """Kernels from kernelspecs on the Jupyter path, run as local subprocesses."""
 
     def __init__(self, config: KernelsPluginConfig) -> None:
@@ -55,13 +41,12 @@ class LocalLauncher(KernelLauncher):
         """Start a kernel of `spec` as a local subprocess, returning once the process runs
         (as jupyter_server does): it finishes starting in the background."""
         try:
-            server = KernelServer(
-                kernelspec=spec,
-                kernel_name=request.kernel_name,
+            server = KernelServer.launching(
+                spec,
                 kernel_id=request.kernel_id,
-                kernel_cwd=request.cwd,
+                kernel_name=request.kernel_name,
+                cwd=request.cwd,
                 session_name=request.session_name,
-                capture_kernel_output=self._config.capture_kernel_output,
                 settings=self._config.server_settings(),
                 ports=kernels.ports,
             )
@@ -71,21 +56,17 @@ class LocalLauncher(KernelLauncher):
         return server
 
 
-class ConnectionFileLauncher(KernelLauncher):
+class ConnectionFileLauncher:
     """Kernels that run elsewhere and are reached through their connection file."""
 
     def __init__(self, config: KernelsPluginConfig) -> None:
         self._config = config
 
-    def kernelspecs(self) -> dict[str, KernelSpec]:
-        return {}
-
     def prepare(self, request: KernelRequest) -> KernelServer:
         """The server for the kernel, not started yet (KernelFailed for a bad file)."""
         try:
-            return KernelServer(
-                connection_file=request.connection_file,
-                write_connection_file=False,
+            return KernelServer.attaching(
+                request.connection_file,
                 kernel_id=request.kernel_id,
                 kernel_name=request.kernel_name,
                 settings=self._config.server_settings(),

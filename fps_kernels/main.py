@@ -21,7 +21,7 @@ from .kernel_driver.paths import runtime_dir
 from .kernel_server.server import kernels
 from .providers import load_providers
 from .registry import Registry
-from .routes import _Kernels
+from .routes import KernelsRouter
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class KernelsComponent(Component):
             )
         # jupyverse's own --allow-origin (a CORS middleware of its app) lets those in too.
         origins = cors_origins(await ctx.request_resource(FastAPI))
-        router = _Kernels(
+        router = KernelsRouter(
             app, config, auth, frontend_config, registry, yjs, execution, extra_origins=origins
         )
         ctx.add_resource(router, types=Kernels)

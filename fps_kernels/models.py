@@ -136,8 +136,8 @@ def parse_body(model: type[_Body], data: Any) -> Any:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         if first["type"] == "missing":
-            raise BadRequest(f"Missing field in JSON data: {field}") from None
+            raise BadRequest(f"Missing field in JSON data: {field}") from error
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == _BAD_REQUEST:
-            raise BadRequest(f"Invalid field in JSON data: {field}: {message}") from None
-        raise InvalidField(f"Invalid field in JSON data: {field}: {message}") from None
+            raise BadRequest(f"Invalid field in JSON data: {field}: {message}") from error
+        raise InvalidField(f"Invalid field in JSON data: {field}: {message}") from error

@@ -1,4 +1,8 @@
-"""The kernels and sessions of this server, and what may be done with them."""
+"""The kernels and sessions of this server, and what may be done with them.
+
+It takes plain values and answers with the records of `records.py`: HTTP (bodies, JSON,
+status codes) is routes.py's business.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +23,15 @@ from .errors import (
     KernelspecNotFound,
     SessionNotFound,
 )
-from .kernel_driver.control import request_shutdown
-from .kernel_server.activity import isoformat_z, utc_now
+from .kernel_driver.tasks import BackgroundTasks, run_together
+from .kernel_server.activity import utc_now
 from .kernel_server.base import ServedKernel
 from .kernel_server.registry import KernelEntry, KernelRegistry
-from .kernel_server.server import KernelServer
 from .launchers import KernelRequest
-from .models import CreateSession, KernelRef, StartKernel, UpdateSession
 from .providers.base import KernelProvider, KernelResource, KernelType, valid_kernel_name
+from .records import KernelInfo, SessionInfo, SessionRecord
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SessionRecord:
-    id: str
-    path: str
-    name: str
-    type: str
-    kernel_id: str
 
 
 def kernel_cwd(root: Path, path: str | None) -> Path:
@@ -67,20 +60,16 @@ class Registry:
         self.kernels = kernels
         self.providers: list[KernelProvider] = list(providers)
         self.root_dir = root_dir.resolve()
-        # The provider of each kernel it started or adopted (kernels added to `kernels` by
-        # code have none, and get the default treatment).
-        self._kernel_providers: dict[str, KernelProvider] = {}
         self._name_clashes: set[tuple[str, str]] = set()
         self.sessions: dict[str, SessionRecord] = {}
-        self._owned: set[str] = set()  # kernels this registry started, and so may shut down
         self._path_locks: dict[str, asyncio.Lock] = {}
-        self._culler: asyncio.Task[None] | None = None
+        self._tasks = BackgroundTasks("Kernel registry")
 
     # --- lifetime ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the background work: culling idle kernels."""
-        self._culler = asyncio.create_task(self._cull_forever())
+        self._tasks.spawn(self._cull_forever(), "culling idle kernels")
 
     async def start_providers(self) -> None:
         """Start the providers' background work; one that fails to start is left out."""
@@ -93,10 +82,7 @@ class Registry:
 
     async def stop(self, timeout: float) -> None:
         """Stop the background work, then every kernel (see stop_all), then the providers."""
-        if self._culler is not None:
-            self._culler.cancel()
-            await asyncio.gather(self._culler, return_exceptions=True)
-            self._culler = None
+        await self._tasks.cancel_all()
         for provider in self.providers:
             await self._quietly(provider.stop(), f"stop provider {provider.name!r}")
         await self.stop_all(timeout)
@@ -210,153 +196,121 @@ class Registry:
         except KeyError:
             raise KernelNotFound(kernel_id) from None
 
-    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+    def kernel_info(self, kernel_id: str) -> KernelInfo:
         entry = self.entry(kernel_id)
         server = entry.server
         activity = server.activity
-        model: dict[str, Any] = {
-            "id": kernel_id,
-            "name": entry.name or server.kernel_name,
-            "last_activity": isoformat_z(activity.last_activity),
-            "execution_state": activity.execution_state,
-            "connections": server.connections,
-        }
-        if activity.reason:
-            model["reason"] = activity.reason
-        return model
+        return KernelInfo(
+            id=kernel_id,
+            name=entry.name or server.kernel_name,
+            last_activity=activity.last_activity,
+            execution_state=activity.execution_state,
+            connections=server.connections,
+            reason=activity.reason,
+        )
 
-    def kernel_models(self) -> list[dict[str, Any]]:
-        models = []
+    def kernel_infos(self) -> list[KernelInfo]:
+        infos = []
         for kernel_id in self.kernels:
             try:
-                models.append(self.kernel_model(kernel_id))
+                infos.append(self.kernel_info(kernel_id))
             except KernelNotFound:
                 continue  # removed while we were listing
-        return models
+        return infos
 
     async def refresh(self) -> None:
         """Have the providers bring their kernels' state up to date (before a listing)."""
-        results = await asyncio.gather(
-            *(provider.refresh() for provider in self.providers), return_exceptions=True
+        await run_together(
+            [(f"Kernel provider {p.name!r}: refresh", p.refresh()) for p in self.providers]
         )
-        for provider, result in zip(self.providers, results, strict=True):
-            if isinstance(result, Exception):
-                logger.error("Kernel provider %r: refresh failed", provider.name, exc_info=result)
 
     async def start_kernel(
         self,
-        body: StartKernel,
+        name: str | None = None,
+        path: str | None = None,
+        kernel_id: str | None = None,
+        *,
         session_name: str | None = None,
         username: str = "",
-    ) -> str:
-        kernel_id = body.kernel_id or str(uuid.uuid4())
+    ) -> KernelInfo:
+        """Start a kernel of type `name` (by default the default one) for the file at `path`
+        (relative to the root: it runs in its folder), under `kernel_id` if given."""
+        kernel_id = kernel_id or str(uuid.uuid4())
         if kernel_id in self.kernels:
             raise Conflict(f"Kernel {kernel_id} already exists")
-        name = body.name
         if not name:
             name = self.default_kernel(list(await self.kernelspecs()))
         name, provider = await self._provider_for(name)
-        cwd = kernel_cwd(self.root_dir, body.path)
         request = KernelRequest(
             kernel_id=kernel_id,
             kernel_name=name,
-            cwd=str(cwd),
+            cwd=str(kernel_cwd(self.root_dir, path)),
             session_name=session_name,
             username=username,
         )
         server = await provider.launch(request)
         # A provider may give the kernel an id of its own (a gateway's).
         kernel_id = server.kernel_id or kernel_id
-        self.kernels[kernel_id] = KernelEntry(server=server, name=name)
-        self._owned.add(kernel_id)
-        self._kernel_providers[kernel_id] = provider
-        return kernel_id
+        self.kernels[kernel_id] = KernelEntry(server, name, provider=provider, owned=True)
+        return self.kernel_info(kernel_id)
 
-    def adopt(
-        self, kernel_id: str, entry: KernelEntry, provider: KernelProvider | None = None
-    ) -> None:
+    def adopt(self, kernel_id: str, entry: KernelEntry) -> None:
         """Serve a kernel that runs elsewhere (it will never be signalled or killed)."""
         self.kernels[kernel_id] = entry
-        if provider is not None:
-            self._kernel_providers[kernel_id] = provider
 
     async def shutdown_kernel(self, kernel_id: str, notice: str | None = None) -> None:
         """Shut a kernel down and forget it and its sessions; `notice` is told to clients."""
         entry = self.entry(kernel_id)
-        provider = self._kernel_providers.get(kernel_id)
-        if provider is not None:
-            # Where it runs first (a gateway's DELETE): if that fails, it stays served.
-            await provider.terminate(entry.server)
-        for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
-            del self.sessions[session.id]
-        self.kernels.pop(kernel_id, None)
-        self._owned.discard(kernel_id)
-        self._kernel_providers.pop(kernel_id, None)
-        if (
-            provider is None
-            and isinstance(entry.server, KernelServer)
-            and not entry.server.owns_process
-        ):
-            # Not our process (an external kernel): ask it to stop, never signal it.
-            await request_shutdown(entry.server.connection_info, self.config.shutdown_wait)
+        # Where it runs first (a gateway's DELETE, a shutdown_request to a process that is
+        # not ours): if that fails, it stays served.
+        await entry.server.terminate()
+        self._forget(kernel_id)
         await entry.server.stop(notice)
 
     async def detach_kernel(self, kernel_id: str, notice: str) -> None:
         """Stop serving a kernel that runs elsewhere, leaving it running: its sessions are
         closed and its clients told `notice`."""
-        entry = self.kernels.get(kernel_id)
-        if entry is None:
-            return
+        entry = self._forget(kernel_id)
+        if entry is not None:
+            await entry.server.stop(notice)
+
+    def _forget(self, kernel_id: str) -> KernelEntry | None:
+        """Stop listing a kernel and the sessions that use it."""
         for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
             del self.sessions[session.id]
-        self.kernels.pop(kernel_id, None)
-        self._owned.discard(kernel_id)
-        self._kernel_providers.pop(kernel_id, None)
-        await entry.server.stop(notice)
+        return self.kernels.pop(kernel_id, None)
 
-    async def restart_kernel(self, kernel_id: str) -> None:
+    async def restart_kernel(self, kernel_id: str) -> KernelInfo:
         server = self.entry(kernel_id).server
-        provider = self._kernel_providers.get(kernel_id)
         try:
-            if provider is not None:
-                await provider.restart(server)
-            else:
-                await server.restart()
+            await server.restart()
         except KernelsError:
             raise
         except Exception as error:
-            raise KernelFailed(f"Kernel {kernel_id} did not restart: {error}") from None
+            raise KernelFailed(f"Kernel {kernel_id} did not restart: {error}") from error
+        return self.kernel_info(kernel_id)
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
-        server = self.entry(kernel_id).server
-        provider = self._kernel_providers.get(kernel_id)
-        if provider is not None:
-            await provider.interrupt(server)
-        else:
-            server.interrupt()
+        await self.entry(kernel_id).server.interrupt()
 
     async def stop_all(self, timeout: float) -> None:
-        """Shut every kernel we started down, in parallel, within `timeout` seconds."""
-        owned = [kernel_id for kernel_id in self._owned if kernel_id in self.kernels]
-        others = [kernel_id for kernel_id in self.kernels if kernel_id not in self._owned]
-        stops = [self._shutdown_or_let_go(kernel_id) for kernel_id in owned]
-        for kernel_id in others:
-            # Kernels we only attached to keep running: just let go of them.
-            entry = self.kernels.pop(kernel_id)
-            self._kernel_providers.pop(kernel_id, None)
-            stops.append(entry.server.stop())
+        """Shut every kernel we started down, in parallel, within `timeout` seconds; let go
+        of the others, which keep running."""
+        stops = []
+        for kernel_id, entry in list(self.kernels.items()):
+            if entry.owned:
+                stops.append(
+                    (f"Shutting kernel {kernel_id} down", self._shutdown_or_let_go(kernel_id))
+                )
+            else:
+                self.kernels.pop(kernel_id)
+                stops.append((f"Letting go of kernel {kernel_id}", entry.server.stop()))
         if not stops:
             return
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*stops, return_exceptions=True), timeout=timeout
-            )
+            await asyncio.wait_for(run_together(stops), timeout=timeout)
         except asyncio.TimeoutError:
             logger.error("Kernels did not all stop within %s s", timeout)
-            return
-        for result in results:
-            if isinstance(result, BaseException):
-                logger.error("A kernel did not stop cleanly", exc_info=result)
 
     async def _shutdown_or_let_go(self, kernel_id: str) -> None:
         try:
@@ -364,8 +318,7 @@ class Registry:
         except KernelsError as error:
             # Where it runs did not answer (a gateway that is down): at least stop serving it.
             logger.warning("Kernel %s could not be shut down: %s", kernel_id, error.message)
-            entry = self.kernels.pop(kernel_id, None)
-            self._kernel_providers.pop(kernel_id, None)
+            entry = self._forget(kernel_id)
             if entry is not None:
                 await entry.server.stop()
 
@@ -386,12 +339,10 @@ class Registry:
     async def cull_idle_kernels(self) -> None:
         """Shut down the kernels we started that have been idle too long, telling clients why."""
         now = utc_now()
-        for kernel_id in list(self._owned):
-            entry = self.kernels.get(kernel_id)
-            if entry is None:
+        for kernel_id, entry in list(self.kernels.items()):
+            if not entry.owned:
                 continue
-            provider = self._kernel_providers.get(kernel_id)
-            if provider is not None and not provider.local_culling:
+            if entry.provider is not None and not entry.provider.local_culling:
                 continue  # culled where it runs (a gateway culls its own kernels)
             server = entry.server
             timeout = self._cull_timeout(server)
@@ -429,26 +380,24 @@ class Registry:
             raise SessionNotFound(session_id)
         return record
 
-    def session_model(self, record: SessionRecord) -> dict[str, Any]:
-        model: dict[str, Any] = {
-            "id": record.id,
-            "path": record.path,
-            "name": record.name,
-            "type": record.type,
-            "kernel": self.kernel_model(record.kernel_id),
-        }
-        if record.type == "notebook":
-            model["notebook"] = {"path": record.path, "name": record.name}
-        return model
+    def session_info(self, session_id: str) -> SessionInfo:
+        record = self.session(session_id)
+        return SessionInfo(
+            id=record.id,
+            path=record.path,
+            name=record.name,
+            type=record.type,
+            kernel=self.kernel_info(record.kernel_id),
+        )
 
-    def session_models(self) -> list[dict[str, Any]]:
-        models = []
+    def session_infos(self) -> list[SessionInfo]:
+        infos = []
         for session_id in list(self.sessions):
             try:
-                models.append(self.session_model(self.session(session_id)))
+                infos.append(self.session_info(session_id))
             except (SessionNotFound, KernelNotFound):
                 continue
-        return models
+        return infos
 
     @asynccontextmanager
     async def _path_lock(self, path: str) -> AsyncIterator[None]:
@@ -461,63 +410,77 @@ class Registry:
             if not lock.locked() and self._path_locks.get(path) is lock:
                 del self._path_locks[path]
 
-    async def create_session(self, body: CreateSession, username: str = "") -> SessionRecord:
-        async with self._path_lock(body.path):
+    async def create_session(
+        self,
+        path: str,
+        type: str,
+        name: str | None = None,
+        *,
+        kernel_id: str | None = None,
+        kernel_name: str | None = None,
+        username: str = "",
+    ) -> SessionInfo:
+        """The session of `path`: the one there is, or a new one with the kernel `kernel_id`
+        if it runs, else a new kernel of type `kernel_name` (under `kernel_id` if given)."""
+        async with self._path_lock(path):
             for record in list(self.sessions.values()):
-                if record.path == body.path and record.kernel_id in self.kernels:
-                    return record
-            kernel_id = await self._kernel_for(body.kernel, body.path, body.name, username)
+                if record.path == path and record.kernel_id in self.kernels:
+                    return self.session_info(record.id)
             record = SessionRecord(
                 id=str(uuid.uuid4()),
-                path=body.path,
-                name=body.name or "",
-                type=body.type,
-                kernel_id=kernel_id,
+                path=path,
+                name=name or "",
+                type=type,
+                kernel_id=await self._kernel_for(path, kernel_id, kernel_name, username),
             )
             self.sessions[record.id] = record
-            return record
+            return self.session_info(record.id)
 
     async def _kernel_for(
-        self, ref: KernelRef | None, path: str, name: str | None, username: str = ""
+        self, path: str, kernel_id: str | None, kernel_name: str | None, username: str
     ) -> str:
-        """The id of the kernel `ref` asks for: a running one, or one started for `path`."""
-        if ref is not None and ref.id is not None and ref.id in self.kernels:
-            return ref.id
-        start = StartKernel(
-            name=ref.name if ref is not None else None,
-            path=path,
-            kernel_id=ref.id if ref is not None else None,
+        """The id of kernel `kernel_id` if it runs, else of a new kernel for `path`."""
+        if kernel_id is not None and kernel_id in self.kernels:
+            return kernel_id
+        started = await self.start_kernel(
+            kernel_name,
+            path,
+            kernel_id,
+            session_name=str((self.root_dir / path.lstrip("/")).resolve()),
+            username=username,
         )
-        return await self.start_kernel(
-            start, session_name=self._session_name(path), username=username
-        )
-
-    def _session_name(self, path: str) -> str:
-        return str((self.root_dir / path.lstrip("/")).resolve())
+        return started.id
 
     async def update_session(
-        self, session_id: str, body: UpdateSession, username: str = ""
-    ) -> SessionRecord:
+        self,
+        session_id: str,
+        *,
+        path: str | None = None,
+        type: str | None = None,
+        name: str | None = None,
+        kernel_id: str | None = None,
+        kernel_name: str | None = None,
+        username: str = "",
+    ) -> SessionInfo:
+        """Change what is given of a session: a kernel by id (running) or by type (new)."""
         record = self.session(session_id)
         old_kernel = record.kernel_id
-        if body.kernel is not None and (body.kernel.id or body.kernel.name):
-            if body.kernel.id is not None:
-                self.entry(body.kernel.id)  # raises KernelNotFound
-                new_kernel = body.kernel.id
-            else:
-                new_kernel = await self._kernel_for(
-                    KernelRef(name=body.kernel.name), body.path or record.path, body.name, username
-                )
-            record.kernel_id = new_kernel
-        if body.path is not None:
-            record.path = body.path
-        if body.name is not None:
-            record.name = body.name
-        if body.type is not None:
-            record.type = body.type
+        if kernel_id is not None and (kernel_id or kernel_name):
+            self.entry(kernel_id)  # raises KernelNotFound
+            record.kernel_id = kernel_id
+        elif kernel_id is None and kernel_name:
+            record.kernel_id = await self._kernel_for(
+                path or record.path, None, kernel_name, username
+            )
+        if path is not None:
+            record.path = path
+        if name is not None:
+            record.name = name
+        if type is not None:
+            record.type = type
         if record.kernel_id != old_kernel:
             await self._release(old_kernel)
-        return record
+        return self.session_info(record.id)
 
     async def delete_session(self, session_id: str) -> None:
         record = self.session(session_id)
@@ -528,5 +491,6 @@ class Registry:
         """Shut a kernel down once no session uses it, if we started it."""
         if any(s.kernel_id == kernel_id for s in self.sessions.values()):
             return
-        if kernel_id in self._owned and kernel_id in self.kernels:
+        entry = self.kernels.get(kernel_id)
+        if entry is not None and entry.owned:
             await self.shutdown_kernel(kernel_id)

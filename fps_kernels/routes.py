@@ -35,7 +35,9 @@ from .errors import (
     PayloadTooLarge,
 )
 from .kernel_server.activity import isoformat_z
+from .kernel_server.close_codes import CloseCode
 from .kernel_server.framing import has_lone_surrogate
+from .launchers import ConnectionFileLauncher
 from .models import (
     CreateSession,
     ExecuteCell,
@@ -47,6 +49,8 @@ from .models import (
     path_problem,
 )
 from .providers.base import KernelType
+from .providers.external.watcher import ExternalKernels
+from .records import KernelInfo, SessionInfo
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -54,33 +58,66 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_STATUS_CODES: list[tuple[type[KernelsError], int]] = [
-    (NotFound, 404),
-    (BadRequest, 400),
-    (PayloadTooLarge, 413),
-    (InvalidField, 422),
-    (Conflict, 409),
-    (KernelFailed, 500),
+#: The HTTP status of each kind of error; a kind not listed has its closest listed base
+#: class's (as Starlette looks up exception handlers: along the class's MRO).
+STATUS_CODES: dict[type[KernelsError], int] = {
+    KernelsError: 500,
+    NotFound: 404,
+    BadRequest: 400,
+    PayloadTooLarge: 413,
+    InvalidField: 422,
+    Conflict: 409,
+    KernelFailed: 500,
     # The name exists but its kernel.json is wrong: a misconfigured server, not a bad request
     # nor an unknown name, so 500 (as jupyter_server answers when a kernelspec fails to load).
-    (KernelspecBroken, 500),
-    (GatewayUnavailable, 503),
-    (GatewayTimeout, 504),
-    (GatewayError, 502),
-]
-# Close code for a WebSocket to a kernel that does not exist (4000 + HTTP 404).
-_WS_UNKNOWN_KERNEL = 4004
+    KernelspecBroken: 500,
+    GatewayError: 502,
+    GatewayUnavailable: 503,
+    GatewayTimeout: 504,
+}
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
+def status_code(error: KernelsError) -> int:
+    return next(STATUS_CODES[kind] for kind in type(error).__mro__ if kind in STATUS_CODES)
+
+
 def error_response(error: KernelsError) -> JSONResponse:
-    status = next((code for kind, code in _STATUS_CODES if isinstance(error, kind)), 500)
+    status = status_code(error)
     # A broken kernelspec is warned about once per change of its file, not per request.
     if not isinstance(error, KernelspecBroken):
         log = logger.warning if status >= 500 else logger.info
         log("%s %s", status, error.message)
     return JSONResponse({"message": error.message, "reason": error.reason}, status_code=status)
+
+
+def kernel_json(kernel: KernelInfo) -> dict[str, Any]:
+    """A kernel model of the REST API."""
+    model: dict[str, Any] = {
+        "id": kernel.id,
+        "name": kernel.name,
+        "last_activity": isoformat_z(kernel.last_activity),
+        "execution_state": kernel.execution_state,
+        "connections": kernel.connections,
+    }
+    if kernel.reason:
+        model["reason"] = kernel.reason
+    return model
+
+
+def session_json(session: SessionInfo) -> dict[str, Any]:
+    """A session model of the REST API."""
+    model: dict[str, Any] = {
+        "id": session.id,
+        "path": session.path,
+        "name": session.name,
+        "type": session.type,
+        "kernel": kernel_json(session.kernel),
+    }
+    if session.type == "notebook":
+        model["notebook"] = {"path": session.path, "name": session.name}
+    return model
 
 
 def answers_errors(handler: _Handler) -> _Handler:
@@ -127,19 +164,19 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return None
     try:
         data = json.loads(body)
-    except RecursionError:
-        raise BadRequest("Invalid JSON in body of request: nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("Invalid JSON in body of request") from None
-    except ValueError:
+    except RecursionError as error:
+        raise BadRequest("Invalid JSON in body of request: nested too deeply") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest("Invalid JSON in body of request") from error
+    except ValueError as error:
         # json raises a bare ValueError for integers over sys.get_int_max_str_digits().
-        raise BadRequest("Invalid JSON in body of request: a number has too many digits") from None
+        raise BadRequest("Invalid JSON in body of request: a number has too many digits") from error
     if has_lone_surrogate(body, data):
         raise BadRequest("Invalid JSON in body of request: a lone UTF-16 surrogate escape")
     return data
 
 
-class _Kernels(Kernels):
+class KernelsRouter(Kernels):
     """The kernels router: REST routes of the Kernels API, plus the routes it leaves out."""
 
     def __init__(
@@ -234,14 +271,11 @@ class _Kernels(Kernels):
     @answers_errors
     async def get_status(self, user: User) -> Response:
         await self.registry.refresh()
-        kernels = self.registry.kernel_models()
-        last = max(
-            [self._app.last_activity]
-            + [self.registry.entry(k["id"]).server.activity.last_activity for k in kernels]
-        )
+        kernels = self.registry.kernel_infos()
+        last = max([self._app.last_activity] + [k.last_activity for k in kernels])
         return JSONResponse(
             {
-                "connections": sum(k["connections"] for k in kernels),
+                "connections": sum(k.connections for k in kernels),
                 "kernels": len(kernels),
                 "last_activity": isoformat_z(last),
                 "started": isoformat_z(self._app.started_time),
@@ -290,24 +324,26 @@ class _Kernels(Kernels):
     @answers_errors
     async def start_kernel(self, request: Request, user: User) -> Response:
         body = parse_body(StartKernel, await read_json(request, self.config.max_body_bytes) or {})
-        kernel_id = await self.registry.start_kernel(body, username=user.username)
+        kernel = await self.registry.start_kernel(
+            body.name, body.path, body.kernel_id, username=user.username
+        )
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
-            self.registry.kernel_model(kernel_id),
+            kernel_json(kernel),
             status_code=201,
-            headers={"Location": f"{base_url}api/kernels/{kernel_id}"},
+            headers={"Location": f"{base_url}api/kernels/{kernel.id}"},
         )
 
     @answers_errors
     async def get_kernels(self, user: User) -> Response:
         await self.registry.refresh()
-        return JSONResponse(self.registry.kernel_models())
+        return JSONResponse([kernel_json(kernel) for kernel in self.registry.kernel_infos()])
 
     @answers_errors
     async def get_kernel(self, kernel_id: str, user: User) -> Response:
         self.registry.entry(kernel_id)
         await self.registry.refresh()
-        return JSONResponse(self.registry.kernel_model(kernel_id))
+        return JSONResponse(kernel_json(self.registry.kernel_info(kernel_id)))
 
     @answers_errors
     async def shutdown_kernel(self, kernel_id: str, user: User) -> Response:
@@ -321,8 +357,7 @@ class _Kernels(Kernels):
 
     @answers_errors
     async def restart_kernel(self, kernel_id: str, user: User) -> Response:
-        await self.registry.restart_kernel(kernel_id)
-        return JSONResponse(self.registry.kernel_model(kernel_id))
+        return JSONResponse(kernel_json(await self.registry.restart_kernel(kernel_id)))
 
     @answers_errors
     async def execute_cell(self, request: Request, kernel_id: str, user: User) -> Response:
@@ -378,9 +413,6 @@ class _Kernels(Kernels):
 
     async def watch_connection_files(self, path: Path) -> None:
         """Serve the external kernels whose connection files are in `path`, until cancelled."""
-        from .external import ExternalKernels
-        from .launchers import ConnectionFileLauncher
-
         watcher = ExternalKernels(path, self.registry, ConnectionFileLauncher(self.config))
         await watcher.run()
 
@@ -389,31 +421,48 @@ class _Kernels(Kernels):
     @answers_errors
     async def get_sessions(self, user: User) -> Response:  # type: ignore[override]
         await self.registry.refresh()
-        return JSONResponse(self.registry.session_models())
+        return JSONResponse([session_json(session) for session in self.registry.session_infos()])
 
     @answers_errors
     async def get_session(self, session_id: str, user: User) -> Response:
         self.registry.session(session_id)
         await self.registry.refresh()
-        return JSONResponse(self.registry.session_model(self.registry.session(session_id)))
+        return JSONResponse(session_json(self.registry.session_info(session_id)))
 
     @answers_errors
     async def create_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
         body = parse_body(CreateSession, await read_json(request, self.config.max_body_bytes))
-        record = await self.registry.create_session(body, username=user.username)
+        kernel = body.kernel
+        session = await self.registry.create_session(
+            body.path,
+            body.type,
+            body.name,
+            kernel_id=kernel.id if kernel is not None else None,
+            kernel_name=kernel.name if kernel is not None else None,
+            username=user.username,
+        )
         base_url = self.frontend_config.base_url.rstrip("/") + "/"
         return JSONResponse(
-            self.registry.session_model(record),
+            session_json(session),
             status_code=201,
-            headers={"Location": f"{base_url}api/sessions/{record.id}"},
+            headers={"Location": f"{base_url}api/sessions/{session.id}"},
         )
 
     @answers_errors
     async def rename_session(self, request: Request, user: User) -> Response:  # type: ignore[override]
         session_id = request.path_params["session_id"]
         body = parse_body(UpdateSession, await read_json(request, self.config.max_body_bytes))
-        record = await self.registry.update_session(session_id, body, username=user.username)
-        return JSONResponse(self.registry.session_model(record))
+        kernel = body.kernel
+        session = await self.registry.update_session(
+            session_id,
+            path=body.path,
+            type=body.type,
+            name=body.name,
+            kernel_id=kernel.id if kernel is not None else None,
+            kernel_name=kernel.name if kernel is not None else None,
+            username=user.username,
+        )
+        return JSONResponse(session_json(session))
 
     @answers_errors
     async def delete_session(self, session_id: str, user: User) -> Response:
@@ -434,14 +483,14 @@ class _Kernels(Kernels):
         websocket, permissions = websocket_permissions
         if permissions is not None and "execute" not in permissions.get("kernels", []):
             logger.info("Refused a kernel WebSocket: no kernels:execute permission")
-            await websocket.close(code=1008)
+            await websocket.close(code=CloseCode.POLICY_VIOLATION)
             return
         try:
             entry = self.registry.entry(kernel_id)
         except KernelNotFound as error:
             # JupyterLab expects the upgrade to succeed, then reads the close code and reason.
             await websocket.accept()
-            await websocket.close(code=_WS_UNKNOWN_KERNEL, reason=error.message)
+            await websocket.close(code=CloseCode.KERNEL_NOT_FOUND, reason=error.message)
             logger.info("Closed a WebSocket to an unknown kernel %s", kernel_id)
             return
         await entry.server.serve(websocket, session_id, permissions)

@@ -57,18 +57,27 @@ def _spec(script: Path, marks: Path, mode: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
-    # startup_timeout: enough for the slow kernel on a loaded machine, small for `hang`.
-    srv = JupyverseServer(
-        tmp_path_factory.mktemp("instant"), kernels={"startup_timeout": 40, "shutdown_wait": 1}
-    )
+def _slow_server(home: Path, modes: tuple[str, ...], **kernels: Any) -> JupyverseServer:
+    """A server (not started) with the kernelspecs `slow-<mode>` of the slow kernel."""
+    srv = JupyverseServer(home, kernels=kernels)
     script = srv.home / "slow.py"
     script.write_text(SLOW)
     marks = srv.home / "marks"
     marks.mkdir()
-    for mode in ("ok", "exit", "hang"):
+    for mode in modes:
         write_kernelspec(srv.share, f"slow-{mode}", _spec(script, marks, mode))
+    return srv
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
+    # startup_timeout: enough for the slow kernel on a loaded machine, small for `hang`.
+    srv = _slow_server(
+        tmp_path_factory.mktemp("instant"),
+        ("ok", "exit", "hang"),
+        startup_timeout=40,
+        shutdown_wait=1,
+    )
     write_kernelspec(
         srv.share,
         "slow-badargv",
@@ -127,6 +136,28 @@ async def _model(http: httpx.AsyncClient, kernel_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+async def _slow_session(
+    srv: JupyverseServer, http: httpx.AsyncClient, mode: str
+) -> tuple[dict[str, Any], str, int]:
+    """A new notebook session with a `slow-<mode>` kernel: its model, kernel id and pid."""
+    path = f"{uuid.uuid4().hex}.ipynb"
+    response = await http.post(
+        "/api/sessions",
+        json={"path": path, "type": "notebook", "kernel": {"name": f"slow-{mode}"}},
+    )
+    assert response.status_code == 201, response.text
+    session = response.json()
+    kernel_id = session["kernel"]["id"]
+    return session, kernel_id, _pid_of(srv, kernel_id)
+
+
+async def _new_kernel(http: httpx.AsyncClient, name: str) -> dict[str, Any]:
+    """The model of a kernel of type `name` just started."""
+    response = await http.post("/api/kernels", json={"name": name})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
 async def _until_state(
     http: httpx.AsyncClient, kernel_id: str, state: str, timeout: float
 ) -> dict[str, Any]:
@@ -143,15 +174,7 @@ async def test_session_answers_while_the_kernel_starts_and_runs_what_was_sent(
 ) -> None:
     srv = slow_server
     async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        path = f"{uuid.uuid4().hex}.ipynb"
-        response = await http.post(
-            "/api/sessions",
-            json={"path": path, "type": "notebook", "kernel": {"name": "slow-ok"}},
-        )
-        assert response.status_code == 201, response.text
-        session = response.json()
-        kernel_id = session["kernel"]["id"]
-        pid = _pid_of(srv, kernel_id)
+        session, kernel_id, pid = await _slow_session(srv, http, "ok")
         hold = _marks(srv) / f"{pid}.hold"
         hold.touch()  # the kernel sleeps until the request below was sent
         # Answered while the kernel still slept: it could not have replied to anything.
@@ -198,15 +221,7 @@ async def test_kernel_that_exits_while_starting_is_dead_with_its_last_output(
 ) -> None:
     srv = slow_server
     async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        path = f"{uuid.uuid4().hex}.ipynb"
-        response = await http.post(
-            "/api/sessions",
-            json={"path": path, "type": "notebook", "kernel": {"name": "slow-exit"}},
-        )
-        assert response.status_code == 201, response.text
-        session = response.json()
-        kernel_id = session["kernel"]["id"]
-        pid = _pid_of(srv, kernel_id)
+        session, kernel_id, pid = await _slow_session(srv, http, "exit")
         assert _still_sleeping(pid) and session["kernel"]["execution_state"] == "starting"
         client = await KernelClient.connect(srv.ws_url, kernel_id)
         await client.execute("print('never runs')")
@@ -229,19 +244,13 @@ async def test_kernel_that_exits_while_starting_is_dead_with_its_last_output(
 async def test_kernel_that_never_answers_is_dead_after_startup_timeout(
     tmp_path: Path,
 ) -> None:
-    srv = JupyverseServer(tmp_path, kernels={"startup_timeout": 3, "shutdown_wait": 1})
-    script = srv.home / "slow.py"
-    script.write_text(SLOW)
-    marks = srv.home / "marks"
-    marks.mkdir()
-    write_kernelspec(srv.share, "slow-hang", _spec(script, marks, "hang"))
+    srv = _slow_server(tmp_path, ("hang",), startup_timeout=3, shutdown_wait=1)
     srv.start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-            response = await http.post("/api/kernels", json={"name": "slow-hang"})
-            assert response.status_code == 201, response.text
-            assert response.json()["execution_state"] == "starting"
-            kernel_id = response.json()["id"]
+            started = await _new_kernel(http, "slow-hang")
+            assert started["execution_state"] == "starting"
+            kernel_id = started["id"]
             pid = _pid_of(srv, kernel_id)
             model = await _check_dead_and_clean(
                 srv, http, kernel_id, pid, "did not answer kernel_info within 3 s"
@@ -268,9 +277,7 @@ async def test_rest_restart_launches_a_kernel_dead_at_start_again(
 ) -> None:
     srv = slow_server
     async with httpx.AsyncClient(base_url=srv.url, timeout=90) as http:
-        response = await http.post("/api/kernels", json={"name": "slow-exit"})
-        assert response.status_code == 201, response.text
-        kernel_id = response.json()["id"]
+        kernel_id = (await _new_kernel(http, "slow-exit"))["id"]
         pid = _pid_of(srv, kernel_id)
         await _check_dead_and_clean(srv, http, kernel_id, pid, "exited with code 5")
         # It is launched again (and fails again: same kernelspec), with a new process.
@@ -299,18 +306,11 @@ async def test_interrupt_while_starting_does_not_kill_it(slow_server: JupyverseS
 
 
 async def test_stopping_the_server_while_a_kernel_starts_leaves_nothing(tmp_path: Path) -> None:
-    srv = JupyverseServer(tmp_path, kernels={"shutdown_wait": 1})
-    script = srv.home / "slow.py"
-    script.write_text(SLOW)
-    marks = srv.home / "marks"
-    marks.mkdir()
-    write_kernelspec(srv.share, "slow-hang", _spec(script, marks, "hang"))
+    srv = _slow_server(tmp_path, ("hang",), shutdown_wait=1)
     srv.start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-            response = await http.post("/api/kernels", json={"name": "slow-hang"})
-            assert response.status_code == 201, response.text
-            kernel_id = response.json()["id"]
+            kernel_id = (await _new_kernel(http, "slow-hang"))["id"]
         pid = _pid_of(srv, kernel_id)
         assert (srv.runtime_dir / f"kernel-{kernel_id}.json").exists()
     finally:
@@ -323,20 +323,11 @@ async def test_stopping_the_server_while_a_kernel_starts_leaves_nothing(tmp_path
 
 async def test_a_starting_kernel_is_not_culled_for_idleness(tmp_path: Path) -> None:
     # Culling every second, after 1 s without activity: the slow kernel's start takes longer.
-    srv = JupyverseServer(
-        tmp_path, kernels={"cull_idle_timeout": 1, "cull_interval": 1, "shutdown_wait": 1}
-    )
-    script = srv.home / "slow.py"
-    script.write_text(SLOW)
-    marks = srv.home / "marks"
-    marks.mkdir()
-    write_kernelspec(srv.share, "slow-ok", _spec(script, marks, "ok"))
+    srv = _slow_server(tmp_path, ("ok",), cull_idle_timeout=1, cull_interval=1, shutdown_wait=1)
     srv.start()
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-            response = await http.post("/api/kernels", json={"name": "slow-ok"})
-            assert response.status_code == 201, response.text
-            kernel_id = response.json()["id"]
+            kernel_id = (await _new_kernel(http, "slow-ok"))["id"]
             pid = _pid_of(srv, kernel_id)
             # Several cull checks pass while it sleeps; it comes up all the same.
             ready, culled = f"Kernel {kernel_id} is ready", f"Culling kernel {kernel_id}"

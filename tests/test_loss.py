@@ -17,8 +17,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from fps_kernels.kernel_server.client import ClientConnection
 from fps_kernels.kernel_server.gaps import GapDetector, parse_msg_id
+from fps_kernels.kernel_server.mailbox import ClientMailbox
 from fps_kernels.kernel_server.messages import KernelMessage, server_message
 
 from .conftest import JupyverseServer
@@ -120,7 +120,7 @@ def _texts(sock: FakeSocket) -> str:
     return "".join(decode_v1(frame).content["text"] for frame in sock.sent)
 
 
-async def _serve_until(client: ClientConnection, sock: FakeSocket, text: str) -> None:
+async def _serve_until(client: ClientMailbox, sock: FakeSocket, text: str) -> None:
     client.attach(sock, "v1")  # type: ignore[arg-type]
     writer = asyncio.ensure_future(client.run(sock))  # type: ignore[arg-type]
     with anyio.fail_after(10):
@@ -134,7 +134,7 @@ async def _serve_until(client: ClientConnection, sock: FakeSocket, text: str) ->
 @pytest.mark.parametrize("how", ["failed", "cancelled", "replaced"])
 async def test_a_message_the_socket_did_not_take_stays_queued(how: str) -> None:
     parent = {"msg_id": "cell", "msg_type": "execute_request"}
-    client = ClientConnection("s", 1 << 20, "server")
+    client = ClientMailbox("s", 1 << 20, "server")
     dead = FakeSocket(block=True)
     client.attach(dead, "v1")  # type: ignore[arg-type]
     writer = asyncio.ensure_future(client.run(dead))  # type: ignore[arg-type]

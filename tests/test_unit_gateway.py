@@ -19,10 +19,12 @@ from fps_kernels.errors import (
     GatewayUnavailable,
     KernelspecNotFound,
 )
+from fps_kernels.gateway import provider as gateway_module
 from fps_kernels.gateway.client import GatewayClient, GatewayRefused, gateway_message
 from fps_kernels.gateway.config import GatewayConfig
 from fps_kernels.gateway.kernel import _size
 from fps_kernels.gateway.peek import OUTPUT, header_of, peek_legacy, peek_v1
+from fps_kernels.gateway.provider import GatewayProvider
 from fps_kernels.gateway.remembered import RememberedSpecs
 from fps_kernels.kernel_driver.wire import make_message_parts
 from fps_kernels.kernel_server.framing import (
@@ -33,9 +35,7 @@ from fps_kernels.kernel_server.framing import (
 from fps_kernels.kernel_server.registry import KernelEntry, KernelRegistry
 from fps_kernels.launchers import KernelRequest
 from fps_kernels.providers import enabled_providers
-from fps_kernels.providers import gateway as gateway_module
 from fps_kernels.providers.base import KernelProvider, KernelType, ProviderContext
-from fps_kernels.providers.gateway import GatewayProvider
 from fps_kernels.registry import Registry
 from fps_kernels.routes import error_response
 
@@ -69,7 +69,7 @@ class Host:
     def kernels(self) -> Mapping[str, KernelEntry]:
         return self._kernels
 
-    def adopt(self, kernel_id: str, entry: KernelEntry, provider: Any = None) -> None:
+    def adopt(self, kernel_id: str, entry: KernelEntry) -> None:
         self._kernels[kernel_id] = entry
 
     async def detach_kernel(self, kernel_id: str, notice: str) -> None:
@@ -391,7 +391,7 @@ async def test_a_hung_gateway_holds_nothing_up(tmp_path: Path) -> None:
         await first.resource(first._types["gw-python3"], "logo-64x64.png")
     deletes = len(healthy.deleted())
     with pytest.raises(GatewayTimeout, match="does not answer"):
-        await first.terminate(kernel)  # at once: a DELETE would hang
+        await kernel.terminate()  # at once: a DELETE would hang
     assert len(healthy.deleted()) == deletes
     healthy.hung = False  # it answers again: the reason goes
     await first.refresh(max_age=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fps_kernels.kernel_driver.channel import KernelChannel, Reply
 from fps_kernels.kernel_driver.connection import (
     ConnectionInfo,
     InvalidConnectionFile,
@@ -31,6 +32,7 @@ from fps_kernels.kernel_driver.ownership import (
     remove_stale_connection_files,
 )
 from fps_kernels.kernel_driver.process import describe_exit
+from fps_kernels.kernel_driver.wire import DELIMITER, join_frames, make_message_parts
 from fps_kernels.registry import kernel_cwd
 
 
@@ -206,3 +208,23 @@ def test_kernel_cwd_stays_inside_root(tmp_path: Path) -> None:
     outside.mkdir(exist_ok=True)
     os.symlink(outside, tmp_path / "escape")
     assert kernel_cwd(tmp_path, "escape/x.ipynb") == tmp_path
+
+
+def test_kernel_channel_checks_signature_and_replay(caplog: pytest.LogCaptureFixture) -> None:
+    """Every user of the channel gets the same checks (the control copy once had no replay
+    guard); a restarted kernel may sign anew what it signed before."""
+    info = new_connection_info(PortAllocator(), "python3")
+    channel = KernelChannel(info, Reply, name="k")
+    _msg_id, parts = make_message_parts("status", {}, "s", {"msg_id": "parent-1"})
+    frames = [b"id", *join_frames(parts, [b"buffer"], channel.signer)]
+    message = channel.verify("iopub", frames)  # type: ignore[arg-type]
+    assert message is not None
+    assert message.parent_msg_id == "parent-1" and message.buffers == [b"buffer"]
+    assert channel.verify("iopub", frames) is None  # type: ignore[arg-type]
+    assert "duplicate signature" in caplog.text
+    forged = [DELIMITER, b"0" * 64, *parts]
+    assert channel.verify("shell", forged) is None
+    assert "invalid signature" in caplog.text
+    assert channel.verify("shell", [DELIMITER, b"sig", b"{}"]) is None
+    channel.clear_replay_guard()
+    assert channel.verify("iopub", frames) is not None  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from fps_kernels.config import KernelsPluginConfig
 from fps_kernels.errors import BadRequest, InvalidField
 from fps_kernels.kernel_driver.signing import ReplayGuard, SignatureError, Signer
 from fps_kernels.kernel_driver.wire import DELIMITER, WireError, join_frames, split_frames
@@ -25,6 +26,8 @@ from fps_kernels.kernel_server.framing import (
     encode_v1,
     has_lone_surrogate,
 )
+from fps_kernels.kernel_server.readiness import Readiness, ReadinessState
+from fps_kernels.kernel_server.settings import ServerSettings
 from fps_kernels.models import CreateSession, StartKernel, parse_body
 
 PARTS = [b'{"msg_id":"a","msg_type":"status"}', b"{}", b"{}", b'{"execution_state":"idle"}']
@@ -261,3 +264,25 @@ def test_check_json_parses_only_what_could_hide_a_problem() -> None:
     assert not has_lone_surrogate(b'"\\ud83d\\ude00"', "\U0001f600")
     with pytest.raises(FrameError, match="too many digits"):
         check_json(BIG_INT, "content")
+
+
+def test_server_settings_come_from_the_plugin_config() -> None:
+    assert ServerSettings.from_config(KernelsPluginConfig()) == ServerSettings()
+    config = KernelsPluginConfig(startup_timeout=5, autorestart=False, capture_kernel_output=False)
+    settings = config.server_settings()
+    assert settings.startup_timeout == 5 and not settings.autorestart
+    assert not settings.capture_kernel_output
+
+
+def test_readiness_is_one_state_with_a_wait_derived_from_it() -> None:
+    readiness = ReadinessState()
+    assert readiness.state is Readiness.NEW and not readiness.accepting
+    for state, accepting in (
+        (Readiness.STARTING, False),
+        (Readiness.READY, True),
+        (Readiness.RESTARTING, False),
+        (Readiness.DEAD, True),
+    ):
+        readiness.set(state)
+        assert readiness.accepting is accepting
+        assert readiness.answered is (state is Readiness.READY)

@@ -37,6 +37,15 @@ class GatewayRefused(GatewayError):
         self.status = status
 
 
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object a gateway answered with; {} for anything else."""
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def gateway_message(status: int, reason: str, body: Any, text: str = "") -> str:
     """The gateway's own words for an error answer: its message, or the last line of its
     traceback when the message says nothing, or its reason."""
@@ -143,12 +152,12 @@ class GatewayClient:
         except httpx.TimeoutException as error:
             raise GatewayTimeout(
                 f"The kernel gateway at {self.url} does not answer ({what}: {type(error).__name__})"
-            ) from None
+            ) from error
         except httpx.HTTPError as error:
             problem = str(error) or type(error).__name__
             raise GatewayUnavailable(
                 f"The kernel gateway at {self.url} cannot be reached: {problem}"
-            ) from None
+            ) from error
         if response.status_code >= 400:
             raise self._refused(what, response)
         return response
@@ -170,12 +179,12 @@ class GatewayClient:
         response = await self.request("GET", path, **kwargs)
         try:
             return response.json()
-        except ValueError:
+        except ValueError as error:
             raise GatewayRefused(
                 f"The kernel gateway at {self.url} answered GET {path} with something that is "
                 "not JSON",
                 502,
-            ) from None
+            ) from error
 
     async def resource(self, name: str, file_name: str) -> tuple[bytes, str]:
         """A kernelspec's resource file: its bytes and media type."""
@@ -213,13 +222,13 @@ class GatewayClient:
                 f"{where} refused the kernel's WebSocket with "
                 f"{refusal(status, response.reason_phrase, message)}",
                 status,
-            ) from None
-        except (TimeoutError, asyncio.TimeoutError):
+            ) from error
+        except (TimeoutError, asyncio.TimeoutError) as error:
             raise GatewayTimeout(
                 f"{where} does not answer (the kernel's WebSocket was not opened within "
                 f"{self.config.connect_timeout:g} s)"
-            ) from None
+            ) from error
         except (OSError, InvalidHandshake, InvalidURI) as error:
             raise GatewayUnavailable(
                 f"{where} cannot be reached for the kernel's WebSocket: {error}"
-            ) from None
+            ) from error

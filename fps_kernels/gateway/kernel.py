@@ -32,13 +32,15 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..errors import GatewayError, GatewayTimeout, KernelNotFound
+from ..kernel_driver.tasks import run_together
 from ..kernel_driver.wire import make_header, new_session_id
+from ..kernel_server import messages as server_messages
 from ..kernel_server.activity import ExecutionState, KernelActivity, isoformat_z
-from ..kernel_server.client import Protocol
+from ..kernel_server.close_codes import CloseCode
 from ..kernel_server.framing import V1_SUBPROTOCOL, encode_legacy_text, encode_v1
-from ..kernel_server.messages import server_message
+from ..kernel_server.mailbox import Protocol
 from ..kernel_server.transport import allow_large_messages
-from .client import GatewayClient, GatewayRefused
+from .client import GatewayClient, GatewayRefused, json_object
 from .config import GatewayConfig
 from .peek import Glance, header_of, peek
 
@@ -48,10 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STATES: tuple[ExecutionState, ...] = ("starting", "idle", "busy", "restarting", "dead")
-#: Close code for a WebSocket to a kernel that is not there (4000 + HTTP 404).
-WS_KERNEL_GONE = 4004
-WS_GATEWAY_LOST = 1011
-WS_TOO_BIG = 1009
 #: Seconds a restart may take beyond launch_timeout.
 LAUNCH_PAD = 2.0
 _CLIENT_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)
@@ -94,6 +92,7 @@ class GatewayKernel:
         max_message_bytes: int,
         on_gone: Callable[[GatewayKernel, str], None],
         on_closed: Callable[[GatewayKernel], None],
+        not_answering: Callable[[], GatewayError | None],
     ) -> None:
         self.kernel_id = kernel_id
         self.kernel_name = kernel_name
@@ -108,8 +107,9 @@ class GatewayKernel:
         self.running_cell: dict[str, Any] = {}
         self._on_gone = on_gone
         self._on_closed = on_closed
+        #: Why the gateway is seen not to answer now (a look at it that hangs), or None.
+        self._not_answering = not_answering
         self._bridges: set[_Bridge] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._problem = ""  # the reason we set while the gateway cannot be reached
 
@@ -179,21 +179,11 @@ class GatewayKernel:
         except GatewayRefused as error:
             if error.status == 404:
                 self.gone(GONE_NOTICE)
-                raise KernelNotFound(self.kernel_id) from None
+                raise KernelNotFound(self.kernel_id) from error
             raise
 
-    async def interrupt_remote(self) -> None:
+    async def interrupt(self) -> None:
         await self._call("POST", "interrupt")
-
-    def interrupt(self) -> None:
-        task = asyncio.create_task(self.interrupt_remote())
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("Gateway kernel %s: %s", self.kernel_id, task.exception())
 
     async def restart(self) -> None:
         """Restart it on the gateway; return once it answers kernel_info again."""
@@ -203,18 +193,14 @@ class GatewayKernel:
         self.activity.set_state("restarting", self.activity.reason)
         try:
             response = await self._call("POST", "restart", timeout=timeout)
-            try:
-                model = response.json()
-            except ValueError:
-                model = {}
-            self.update(model if isinstance(model, dict) else {})
+            self.update(json_object(response))
             await asyncio.wait_for(self.wait_ready(), max(deadline - loop.time(), 0.1))
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as error:
             self.activity.execution_state = "idle"  # unknown: the gateway did not say
             raise GatewayTimeout(
                 f"Kernel {self.kernel_id} did not answer within {timeout:g} s of its restart "
                 "on the kernel gateway (kernels.gateway.launch_timeout)"
-            ) from None
+            ) from error
         except GatewayError:
             self.activity.execution_state = "idle"
             raise
@@ -243,14 +229,19 @@ class GatewayKernel:
         except ConnectionClosed as closed:
             raise GatewayError(
                 f"The kernel gateway closed the kernel's WebSocket: {_describe_close(closed)}"
-            ) from None
+            ) from closed
         finally:
             await upstream.close()
         if self.activity.execution_state in ("starting", "restarting"):
             self.activity.execution_state = "idle"
 
-    async def shutdown_remote(self) -> None:
-        """DELETE the kernel on the gateway (gone already counts as done)."""
+    async def terminate(self) -> None:
+        """DELETE the kernel on the gateway (gone already counts as done); at once a
+        GatewayTimeout while the gateway is seen not to answer (a DELETE would wait out
+        request_timeout, and hold the server's stop)."""
+        hung = self._not_answering()
+        if hung is not None:
+            raise hung
         try:
             await self.client.request("DELETE", f"/api/kernels/{self.kernel_id}")
         except GatewayRefused as error:
@@ -273,14 +264,15 @@ class GatewayKernel:
         self._closed = True
         self.activity.set_state("dead", notice or self.activity.reason)
         reason = close_reason(notice or "Kernel shut down")
-        await asyncio.gather(
-            *(bridge.shutdown(notice, 1000, reason) for bridge in list(self._bridges)),
-            return_exceptions=True,
+        await run_together(
+            [
+                (
+                    f"Gateway kernel {self.kernel_id}: closing client {bridge.session_id}",
+                    bridge.shutdown(notice, CloseCode.NORMAL, reason),
+                )
+                for bridge in list(self._bridges)
+            ]
         )
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         self._on_closed(self)
 
     # --- the kernel WebSocket --------------------------------------------------------------
@@ -294,7 +286,9 @@ class GatewayKernel:
         """Bridge `websocket` to a WebSocket of its own on the gateway."""
         if self._closed:
             await websocket.accept()
-            await websocket.close(WS_KERNEL_GONE, f"Kernel does not exist: {self.kernel_id}")
+            await websocket.close(
+                CloseCode.KERNEL_NOT_FOUND, KernelNotFound(self.kernel_id).message
+            )
             return
         offered = websocket.scope.get("subprotocols") or []
         wanted = V1_SUBPROTOCOL if V1_SUBPROTOCOL in offered else None
@@ -340,9 +334,9 @@ class GatewayKernel:
         try:
             await websocket.accept()
             if gone:
-                await websocket.close(WS_KERNEL_GONE, close_reason(GONE_NOTICE))
+                await websocket.close(CloseCode.KERNEL_NOT_FOUND, close_reason(GONE_NOTICE))
             else:
-                await websocket.close(WS_GATEWAY_LOST, close_reason(error.message))
+                await websocket.close(CloseCode.INTERNAL_ERROR, close_reason(error.message))
         except _CLIENT_ERRORS as problem:
             logger.debug("Client left before being told: %r", problem)
 
@@ -397,7 +391,7 @@ class _Bridge:
             except (WebSocketDisconnect, RuntimeError):
                 return
             if event["type"] == "websocket.disconnect":
-                if event.get("code") == 1009:
+                if event.get("code") == CloseCode.MESSAGE_TOO_BIG:
                     logger.warning(
                         "Gateway kernel %s: client %s sent a message over %d bytes "
                         "(max_message_bytes)",
@@ -459,7 +453,11 @@ class _Bridge:
             "The kernel keeps running; the connection is reopened."
         )
         await self.shutdown(
-            notice, WS_TOO_BIG, "Message too large for the kernel gateway", None, parent
+            notice,
+            CloseCode.MESSAGE_TOO_BIG,
+            "Message too large for the kernel gateway",
+            None,
+            parent,
         )
 
     # --- gateway → client ------------------------------------------------------------------
@@ -504,22 +502,13 @@ class _Bridge:
     ) -> None:
         """A stderr line (in `parent`'s cell, by default the running one) and/or a status,
         made by this server."""
-        messages = []
+        session = self.kernel.session
+        told = []
         if text:
-            messages.append(
-                server_message(
-                    "iopub",
-                    "stream",
-                    {"name": "stderr", "text": f"[fps_kernels] {text}\n"},
-                    self.kernel.session,
-                    parent or self.kernel.running_cell,
-                )
-            )
+            told.append(server_messages.notice(text, session, parent or self.kernel.running_cell))
         if state is not None:
-            messages.append(
-                server_message("iopub", "status", {"execution_state": state}, self.kernel.session)
-            )
-        for message in messages:
+            told.append(server_messages.status(state, session))
+        for message in told:
             frame = message.v1_frame() if self.protocol == "v1" else message.legacy_frame()
             await self._send(frame)
 
@@ -548,7 +537,7 @@ class _Bridge:
             except GatewayRefused as error:
                 if error.status == 404:
                     kernel.gone(GONE_NOTICE)  # forgotten, its sessions closed
-                    await self.shutdown(GONE_NOTICE, 1000, close_reason(GONE_NOTICE))
+                    await self.shutdown(GONE_NOTICE, CloseCode.NORMAL, close_reason(GONE_NOTICE))
                     return False
                 problem = error.message
             except GatewayError as error:
@@ -578,7 +567,7 @@ class _Bridge:
             f"{problem}"
         )
         logger.warning("Gateway kernel %s: %s", kernel.kernel_id, notice)
-        await self.shutdown(notice, WS_GATEWAY_LOST, close_reason(notice), state=None)
+        await self.shutdown(notice, CloseCode.INTERNAL_ERROR, close_reason(notice), state=None)
         return False
 
     async def shutdown(
@@ -604,7 +593,7 @@ class _Bridge:
 
 def _too_big(closed: ConnectionClosed) -> bool:
     """Whether the gateway closed because a message was over its size limit."""
-    return closed.rcvd is not None and closed.rcvd.code == WS_TOO_BIG
+    return closed.rcvd is not None and closed.rcvd.code == CloseCode.MESSAGE_TOO_BIG
 
 
 def _size(frame: bytes | str, limit: int) -> int:

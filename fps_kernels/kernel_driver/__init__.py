@@ -1,1 +1,2 @@
-"""The kernel side: wire format, signing, ZMQ sockets, kernelspecs and kernel processes."""
+"""The kernel side: wire format, signing, the kernel channel (ZMQ sockets, checks, kernel_info
+handshake), server-side execution, kernelspecs and kernel processes."""

@@ -31,18 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
+from .channel import KernelChannel, LinkFailed, NoAnswer
 from .connection import ConnectionInfo
 from .outputs import CellOutputs, DisplayMap, OutputSink, widget_model_id
-from .signing import ReplayGuard, SignatureError, Signer
-from .wire import WireError, join_frames, make_header, new_session_id, pack, split_frames, unpack
+from .tasks import BackgroundTasks
+from .wire import new_session_id, unpack
 from .ycell import CellGone, SharedCell
 
 logger = logging.getLogger(__name__)
 
-_INFO_RETRY = 0.5
 _COMM_TYPES = ("comm_open", "comm_msg", "comm_close")
 _OUTPUT_MESSAGES = ("stream", "display_data", "execute_result", "error", "clear_output")
 _CHANNELS = ("shell", "iopub", "stdin")
@@ -106,15 +104,13 @@ class _Message:
     metadata: dict[str, Any]
     content: dict[str, Any]
     buffers: list[bytes]
+    msg_type: str = field(init=False)
+    parent_msg_id: str | None = field(init=False)
 
-    @property
-    def msg_type(self) -> str:
-        return str(self.header.get("msg_type", ""))
-
-    @property
-    def parent_id(self) -> str | None:
-        msg_id = self.parent_header.get("msg_id")
-        return msg_id if isinstance(msg_id, str) else None
+    def __post_init__(self) -> None:
+        self.msg_type = str(self.header.get("msg_type", ""))
+        parent_id = self.parent_header.get("msg_id")
+        self.parent_msg_id = parent_id if isinstance(parent_id, str) else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -203,20 +199,16 @@ class KernelDriver:
         self._widgets = widgets
         self._accepting = accepting
         self._ready_timeout = ready_timeout
-        self._signer = Signer(connection_info.key, connection_info.signature_scheme)
         self._session = new_session_id()
         self.displays = DisplayMap()
 
         self._queue: deque[_Execution | _Outgoing] = deque()  # submitted, not yet sent
         self._sent: dict[str, _Execution] = {}  # sent, not finished, in the order sent
         self._wake = asyncio.Event()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._channel: KernelChannel[_Message] | None = None
         self._connected = False
         self._sender: asyncio.Task[None] | None = None
-        self._readers: set[asyncio.Task[None]] = set()
-        self._info_replies: dict[str, asyncio.Future[None]] = {}
-        self._iopub_seen = asyncio.Event()
-        self._replay_guard = ReplayGuard()
+        self._tasks = BackgroundTasks(f"Kernel {self.name}")
         self._closed = False
         self._input_parent: dict[str, Any] | None = None
         self._input_for: _Execution | None = None
@@ -320,11 +312,7 @@ class KernelDriver:
             return
         self.kernel_lost("KernelShutdown", "The kernel was shut down", "The kernel was shut down")
         self._closed = True
-        tasks = [t for t in (self._sender, *self._readers) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     # --- cells -----------------------------------------------------------------------------
 
@@ -381,12 +369,7 @@ class KernelDriver:
     def _start_sender(self) -> None:
         self._wake.set()
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_loop())
-            self._sender.add_done_callback(self._sender_done)
-
-    def _sender_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Kernel %s: the cell sender failed", self.name, exc_info=task.exception())
+            self._sender = self._tasks.spawn(self._send_loop(), "the cell sender")
 
     async def _send_loop(self) -> None:
         while True:
@@ -444,170 +427,78 @@ class KernelDriver:
         channel: str = "shell",
         parent: dict[str, Any] | None = None,
     ) -> str:
-        header = make_header(msg_type, self._session)
-        if msg_id is not None:
-            header["msg_id"] = msg_id
-        parts = [pack(header), pack(parent or {}), pack(metadata or {}), pack(content)]
-        sock = self._sockets.get(channel)
-        if sock is None:
+        kernel = self._channel
+        if kernel is None or channel not in kernel.sockets:
             raise DriverError("not connected to the kernel")
-        await sock.send_multipart(join_frames(parts, buffers or [], self._signer), copy=False)
-        return str(header["msg_id"])
-
-    def _open_sockets(self) -> zmq.asyncio.Socket:
-        """Open shell, iopub and stdin; the monitor of stdin's handshake."""
-        context = zmq.asyncio.Context.instance()
-        info = self.connection_info
-        # The kernel sends input_request on stdin to the identity that sent the request on
-        # shell: both sockets carry the same one.
-        identity = uuid.uuid4().hex.encode()
-        monitor: zmq.asyncio.Socket | None = None
-        for channel in _CHANNELS:
-            sock = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            if channel == "iopub":
-                sock.setsockopt(zmq.SUBSCRIBE, b"")
-                sock.setsockopt(zmq.RCVHWM, 0)
-            else:
-                sock.setsockopt(zmq.IDENTITY, identity)
-            if info.curve_publickey and info.curve_secretkey:
-                # CurveZMQ, as the kernel server's own sockets (the kernel holds the same pair).
-                sock.curve_secretkey = info.curve_secretkey.encode()
-                sock.curve_publickey = info.curve_publickey.encode()
-                sock.curve_serverkey = info.curve_publickey.encode()
-            if channel == "stdin":
-                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            sock.connect(info.url(channel))
-            self._sockets[channel] = sock
-        for channel in _CHANNELS:
-            task = asyncio.create_task(self._read(channel))
-            self._readers.add(task)
-            task.add_done_callback(self._reader_done)
-        assert monitor is not None
-        return monitor
-
-    def _reader_done(self, task: asyncio.Task[None]) -> None:
-        self._readers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Kernel %s: a reader failed", self.name, exc_info=task.exception())
+        msg_id, parts = kernel.compose(
+            msg_type, content, metadata=metadata, parent=parent, msg_id=msg_id
+        )
+        await kernel.send_parts(channel, parts, buffers or [])
+        return msg_id
 
     async def _connect(self) -> None:
-        """Open the sockets and return once the kernel answered and iopub reaches us."""
+        """Open the sockets and return once the kernel answered and iopub reaches us (and
+        stdin is connected: a kernel answers input() on stdin only to a peer it knows)."""
         self._disconnect()
-        monitor = self._open_sockets()
-        self._iopub_seen.clear()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._ready_timeout
-        replied = loop.create_future()
+        kernel = KernelChannel(
+            self.connection_info,
+            _parse,
+            channels=_CHANNELS,
+            name=self.name,
+            session=self._session,
+        )
+        self._channel = kernel
+        kernel.open(self._on_message)
         try:
-            # A kernel answers input() on stdin only to a peer it knows: without this, an
-            # input() in the first request could be sent before stdin is connected, and lost.
-            await self._handshake(monitor, deadline)
-            while not (replied.done() and self._iopub_seen.is_set()):
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise DriverError(
-                        f"the kernel did not answer kernel_info within {self._ready_timeout:g} s"
-                    )
-                msg_id = await self._send_message("kernel_info_request", {})
-                self._info_replies[msg_id] = replied
-                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._iopub_seen.wait())]
-                if not replied.done():
-                    waits.append(replied)
-                await asyncio.wait(
-                    waits, timeout=min(_INFO_RETRY, remaining), return_when=asyncio.ALL_COMPLETED
-                )
-                waits[0].cancel()
+            await kernel.wait_kernel_info(self._ready_timeout)
+        except NoAnswer:
+            self._disconnect()
+            raise DriverError(
+                f"the kernel did not answer kernel_info within {self._ready_timeout:g} s"
+            ) from None
+        except LinkFailed:
+            self._disconnect()
+            raise DriverError(
+                f"the kernel's stdin did not connect within {self._ready_timeout:g} s"
+            ) from None
         except BaseException:
             self._disconnect()
             raise
-        finally:
-            self._info_replies.clear()
-            if not replied.done():
-                replied.cancel()
         self._connected = True
         logger.info("Kernel %s: server-side execution connected", self.name)
 
-    async def _handshake(self, monitor: zmq.asyncio.Socket, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise DriverError(
-                        f"the kernel's stdin did not connect within {self._ready_timeout:g} s"
-                    )
-                if not await monitor.poll(timeout=remaining * 1000):
-                    continue
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    return
-        finally:
-            stdin = self._sockets.get("stdin")
-            if stdin is not None:
-                stdin.disable_monitor()
-            monitor.close(linger=0)
-
     def _disconnect(self) -> None:
         self._connected = False
-        for task in list(self._readers):
-            task.cancel()
-        self._readers.clear()
-        for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._sockets.clear()
-        self._replay_guard.clear()
+        if self._channel is not None:
+            self._channel.abort()
+            self._channel = None
 
-    async def _read(self, channel: str) -> None:
-        sock = self._sockets[channel]
-        while True:
-            frames = await sock.recv_multipart()
-            message = self._parse(channel, frames)
-            if message is None:
-                continue
-            try:
-                if channel == "iopub":
-                    self._iopub_seen.set()
-                    await self._on_iopub(message)
-                elif channel == "stdin":
-                    self._on_stdin(message)
-                else:
-                    await self._on_shell(message)
-            except CellGone as error:
-                # A display update aimed at a cell deleted meanwhile: nowhere to go.
-                logger.debug("Kernel %s: a %s for a deleted cell: %r", self.name, channel, error)
-            except Exception:
-                # A bad message or a failing widget must not stop the cells that follow.
-                logger.exception(
-                    "Kernel %s: could not handle a %s %s", self.name, channel, message.msg_type
-                )
-
-    def _parse(self, channel: str, frames: list[bytes]) -> _Message | None:
+    async def _on_message(self, channel: str, message: _Message) -> None:
         try:
-            wire = split_frames(frames)
-            self._signer.check(wire.signature, wire.parts)
-            self._replay_guard.check(wire.signature)
-            header, parent, metadata, content = (unpack(part) for part in wire.parts)
-        except (WireError, SignatureError, ValueError) as error:
-            logger.warning("Kernel %s: dropped a %s message: %s", self.name, channel, error)
-            return None
-        if not all(isinstance(p, dict) for p in (header, parent, metadata, content)):
-            logger.warning("Kernel %s: dropped a malformed %s message", self.name, channel)
-            return None
-        return _Message(header, parent, metadata, content, [bytes(b) for b in wire.buffers])
+            if channel == "iopub":
+                await self._on_iopub(message)
+            elif channel == "stdin":
+                self._on_stdin(message)
+            else:
+                await self._on_shell(message)
+        except CellGone as error:
+            # A display update aimed at a cell deleted meanwhile: nowhere to go.
+            logger.debug("Kernel %s: a %s for a deleted cell: %r", self.name, channel, error)
+        except Exception:
+            # A bad message or a failing widget must not stop the cells that follow.
+            logger.exception(
+                "Kernel %s: could not handle a %s %s", self.name, channel, message.msg_type
+            )
 
     async def _settle(self, execution: _Execution) -> None:
         if self._quiet is not None and execution.key is not None and execution.cell is not None:
             await self._quiet(execution.key)
 
     async def _on_shell(self, message: _Message) -> None:
-        parent_id = message.parent_id
+        parent_id = message.parent_msg_id
         if parent_id is None:
             return
-        if message.msg_type == "kernel_info_reply":
-            future = self._info_replies.get(parent_id)
-            if future is not None and not future.done():
-                future.set_result(None)
+        if self._channel is not None and self._channel.claim(message):
             return
         execution = self._sent.get(parent_id)
         if execution is not None and message.msg_type == "execute_reply":
@@ -616,7 +507,7 @@ class KernelDriver:
             self._maybe_finish(execution)
 
     def _on_stdin(self, message: _Message) -> None:
-        parent_id = message.parent_id
+        parent_id = message.parent_msg_id
         execution = self._sent.get(parent_id) if parent_id is not None else None
         if message.msg_type != "input_request" or execution is None:
             return
@@ -638,7 +529,7 @@ class KernelDriver:
                 if running.observer is not None:
                     running.observer.update_display(message.content)
             return
-        parent_id = message.parent_id
+        parent_id = message.parent_msg_id
         execution = self._sent.get(parent_id) if parent_id is not None else None
         if execution is None:
             return
@@ -682,3 +573,16 @@ class KernelDriver:
                 self._widgets.comm_open(msg, WidgetComm(self, comm_id))
         elif message.msg_type == "comm_msg":
             self._widgets.comm_msg(msg)
+
+
+def _parse(channel: str, parts: list[bytes], buffers: list[Any]) -> _Message | None:
+    """Every part parsed (server-side execution reads all of a message)."""
+    try:
+        header, parent, metadata, content = (unpack(part) for part in parts)
+    except ValueError as error:
+        logger.warning("Dropped a %s message: %s", channel, error)
+        return None
+    if not all(isinstance(p, dict) for p in (header, parent, metadata, content)):
+        logger.warning("Dropped a malformed %s message", channel)
+        return None
+    return _Message(header, parent, metadata, content, [bytes(b) for b in buffers])

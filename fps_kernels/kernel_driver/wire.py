@@ -72,6 +72,15 @@ def unpack(data: bytes) -> Any:
     return json.loads(data)
 
 
+def unpack_object(data: bytes) -> dict[str, Any]:
+    """A JSON object part, or {} for anything else (a bad part is the reader's to judge)."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def new_msg_id() -> str:
     return uuid.uuid4().hex
 
@@ -93,9 +102,12 @@ def make_message_parts(
     session: str,
     parent_header: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    msg_id: str | None = None,
 ) -> tuple[str, list[bytes]]:
-    """A new message's msg_id and its four packed parts."""
+    """A new message's msg_id (a new one unless given) and its four packed parts."""
     header = make_header(msg_type, session)
+    if msg_id is not None:
+        header["msg_id"] = msg_id
     parts = [pack(header), pack(parent_header or {}), pack(metadata or {}), pack(content)]
     return header["msg_id"], parts
 

@@ -80,6 +80,10 @@ class KernelActivity:
             # An untracked request answered means the kernel is up: not busy with user code.
             self.execution_state = "idle"
 
+    def summary(self) -> dict[str, str]:
+        """Upstream's `last_activity`: the date of the last activity and the state."""
+        return {"date": isoformat_z(self.last_activity), "execution_state": self.execution_state}
+
     def set_state(self, state: ExecutionState, reason: str = "") -> None:
         self.execution_state = state
         self.reason = reason

@@ -47,12 +47,19 @@ class ServedKernel(Protocol):
         """Accept `websocket` and bridge it to the kernel until either side goes away."""
         ...
 
-    def interrupt(self) -> None:
-        """Interrupt what the kernel runs."""
+    async def interrupt(self) -> None:
+        """Interrupt what the kernel runs (as its kernelspec's interrupt_mode says, or where
+        it runs)."""
         ...
 
     async def restart(self) -> None:
-        """Restart the kernel under the same id."""
+        """Restart the kernel under the same id; KernelsError subclasses say why it cannot."""
+        ...
+
+    async def terminate(self) -> None:
+        """Shut the kernel down where it runs, before it stops being served (a DELETE): a
+        gateway's DELETE, a shutdown_request to a kernel whose process is not ours. Nothing
+        for a process this server launched: `stop()` shuts it down."""
         ...
 
     async def stop(self, notice: str | None = None) -> None:

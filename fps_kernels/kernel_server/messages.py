@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ..kernel_driver.wire import make_message_parts
+from ..kernel_driver.wire import make_message_parts, unpack_object
 from .framing import encode_legacy_binary, encode_legacy_text, encode_v1
 
 
@@ -31,13 +30,13 @@ class KernelMessage:
     @property
     def header(self) -> dict[str, Any]:
         if self._header is None:
-            self._header = _object(self.parts[0])
+            self._header = unpack_object(self.parts[0])
         return self._header
 
     @property
     def parent_header(self) -> dict[str, Any]:
         if self._parent is None:
-            self._parent = _object(self.parts[1])
+            self._parent = unpack_object(self.parts[1])
         return self._parent
 
     @property
@@ -55,7 +54,7 @@ class KernelMessage:
         return msg_type if isinstance(msg_type, str) else None
 
     def content(self) -> dict[str, Any]:
-        return _object(self.parts[3])
+        return unpack_object(self.parts[3])
 
     def v1_frame(self) -> bytes:
         if self._v1 is None:
@@ -79,14 +78,6 @@ class KernelMessage:
         return self._size
 
 
-def _object(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def server_message(
     channel: str,
     msg_type: str,
@@ -97,3 +88,16 @@ def server_message(
     """A message the server itself tells clients (a status or a stderr notice)."""
     _msg_id, parts = make_message_parts(msg_type, content, session, parent_header)
     return KernelMessage(channel, parts, [])
+
+
+def notice(text: str, session: str, parent: dict[str, Any] | None = None) -> KernelMessage:
+    """What the server tells the users of a kernel: a stderr line `[fps_kernels] text` on
+    iopub, in the cell of `parent` if given."""
+    return server_message(
+        "iopub", "stream", {"name": "stderr", "text": f"[fps_kernels] {text}\n"}, session, parent
+    )
+
+
+def status(state: str, session: str, parent: dict[str, Any] | None = None) -> KernelMessage:
+    """An execution state the server announces itself."""
+    return server_message("iopub", "status", {"execution_state": state}, session, parent)

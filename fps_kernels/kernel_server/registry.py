@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..kernel_driver.connection import PortAllocator
 
@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from .base import ServedKernel
 
 _ENTRY_KEYS = ("server", "name", "driver")
+
+
+class KernelOrigin(Protocol):
+    """What an entry knows of the provider its kernel came from (a
+    `providers.base.KernelProvider`, a layer above this one)."""
+
+    name: str
+    #: Whether the registry culls its idle kernels (False: they are culled where they run).
+    local_culling: bool
 
 
 @dataclass
@@ -27,6 +36,11 @@ class KernelEntry:
     name: str = ""
     # The server-side executor writing into Y documents, created on first use.
     driver: Any = None
+    #: The provider it came from; None for a kernel that code put in `kernels`.
+    provider: KernelOrigin | None = None
+    #: Started by the registry, which so may shut it down (when its last session goes, when
+    #: idle, at the server's stop); kernels it only attached to are let go, left running.
+    owned: bool = False
 
     def __getitem__(self, key: str) -> Any:
         if key not in _ENTRY_KEYS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -73,3 +74,20 @@ def compress_small_messages_only(websocket: WebSocket, threshold: int) -> bool:
         for ext in extensions
     ]
     return True
+
+
+def write_never_waits(websocket: WebSocket) -> Callable[[], bool] | None:
+    """A probe telling whether a send on `websocket` would complete without waiting, or None
+    where that cannot be known.
+
+    uvicorn's sans-I/O websockets protocol (jupyverse's default) awaits nothing in a send but
+    its `writable` event, before writing anything: while that event is set, a send completes
+    at once, and one that waits has written nothing yet.
+    """
+    protocol = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    if type(protocol).__name__ != "WebSocketsSansIOProtocol":
+        return None
+    writable = getattr(protocol, "writable", None)
+    if writable is None or not hasattr(writable, "is_set"):
+        return None
+    return writable.is_set  # type: ignore[no-any-return]

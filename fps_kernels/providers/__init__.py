@@ -27,8 +27,8 @@ OTHERS = "*"
 BUILTIN = {
     "spec": "fps_kernels.providers.spec:SpecProvider",
     "pyimport": "fps_kernels.providers.pyimport:PyImportProvider",
-    "external": "fps_kernels.providers.external:ExternalProvider",
-    "gateway": "fps_kernels.providers.gateway:GatewayProvider",
+    "external": "fps_kernels.providers.external.provider:ExternalProvider",
+    "gateway": "fps_kernels.gateway.provider:GatewayProvider",
 }
 _LOCAL_SPECS = ("spec", "pyimport")
 

@@ -92,9 +92,9 @@ class KernelHost(Protocol):
     @property
     def kernels(self) -> Mapping[str, KernelEntry]: ...
 
-    def adopt(
-        self, kernel_id: str, entry: KernelEntry, provider: KernelProvider | None = None
-    ) -> None: ...
+    def adopt(self, kernel_id: str, entry: KernelEntry) -> None:
+        """Serve a kernel that runs elsewhere (its entry names its provider)."""
+        ...
 
     async def detach_kernel(self, kernel_id: str, notice: str) -> None: ...
 
@@ -172,15 +172,4 @@ class KernelProvider(ABC):
 
     async def refresh(self) -> None:
         """Bring its kernels' state up to date before they are listed (REST)."""
-        return None
-
-    async def interrupt(self, kernel: ServedKernel) -> None:
-        kernel.interrupt()
-
-    async def restart(self, kernel: ServedKernel) -> None:
-        await kernel.restart()
-
-    async def terminate(self, kernel: ServedKernel) -> None:
-        """Shut a kernel down where it runs, before it stops being served (a DELETE).
-        Kernels whose process is this server's are shut down by `kernel.stop()` itself."""
         return None

@@ -1,19 +1,18 @@
 """The `external` provider: kernels started elsewhere, served from their connection files.
 
 Active when `allow_external_kernels` is on: it watches `external_connection_dir` (see
-`fps_kernels.external`). It offers no kernel type to start: its kernels come and go with
-their files.
+`watcher.py`). It offers no kernel type to start: its kernels come and go with their files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import KernelspecNotFound
-from ..external import ExternalKernels, default_directory
-from ..kernel_server.base import ServedKernel
-from ..launchers import ConnectionFileLauncher, KernelRequest
-from .base import KernelProvider, KernelType, ProviderContext
+from ...errors import KernelspecNotFound
+from ...kernel_server.base import ServedKernel
+from ...launchers import ConnectionFileLauncher, KernelRequest
+from ..base import KernelProvider, KernelType, ProviderContext
+from .watcher import ExternalKernels, default_directory
 
 
 class ExternalProvider(KernelProvider):
@@ -21,7 +20,9 @@ class ExternalProvider(KernelProvider):
         super().__init__(context)
         config = context.config
         folder = Path(config.external_connection_dir or default_directory())
-        self.watcher = ExternalKernels(folder, context.host, ConnectionFileLauncher(config))
+        self.watcher = ExternalKernels(
+            folder, context.host, ConnectionFileLauncher(config), provider=self
+        )
 
     async def start(self) -> None:
         await self.watcher.start()

@@ -11,7 +11,7 @@ the server stops). The gateway culls its own kernels; kernels it no longer has a
 forgotten, their sessions closed and their clients told.
 
 The gateway never holds the server up: what listings need of it (kernelspecs, its kernels'
-state) is asked in the background (see `gateway/look.py`), the server's start and each
+state) is asked in the background (see `look.py`), the server's start and each
 listing wait at most ANSWER_WAIT for it and otherwise answer from what is known (the last
 kernelspecs, also kept on disk for the next start), with a `reason` on its kernels.
 """
@@ -31,16 +31,23 @@ from typing import Any
 import httpx
 
 from ..errors import GatewayError, GatewayTimeout, KernelspecNotFound, NotFound
-from ..gateway.client import GatewayClient, GatewayRefused
-from ..gateway.config import GatewayConfig
-from ..gateway.kernel import GONE_NOTICE, LAUNCH_PAD, GatewayKernel
-from ..gateway.look import Look
-from ..gateway.remembered import RememberedSpecs
 from ..kernel_driver.paths import runtime_dir
+from ..kernel_driver.tasks import BackgroundTasks
 from ..kernel_server.base import ServedKernel
 from ..kernel_server.registry import KernelEntry
 from ..launchers import KernelRequest
-from .base import KernelProvider, KernelResource, KernelType, ProviderContext, valid_kernel_name
+from ..providers.base import (
+    KernelProvider,
+    KernelResource,
+    KernelType,
+    ProviderContext,
+    valid_kernel_name,
+)
+from .client import GatewayClient, GatewayRefused, json_object
+from .config import GatewayConfig
+from .kernel import GONE_NOTICE, LAUNCH_PAD, GatewayKernel
+from .look import Look
+from .remembered import RememberedSpecs
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ KERNELS_MAX_AGE = 1.0
 ANSWER_WAIT = 1.0
 #: Seconds the provider's last tasks (deleting kernels launched late) may hold the server's stop.
 CLOSE_WAIT = 10.0
+_LATE_DELETE = "deleting a kernel whose launch was given up"
 
 
 class GatewayProvider(KernelProvider):
@@ -78,7 +86,7 @@ class GatewayProvider(KernelProvider):
         self._kernels: dict[str, GatewayKernel] = {}
         self._list_kernels = True  # False once the gateway refused GET /api/kernels
         self._adopted = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks("Gateway provider")
         self._poller: asyncio.Task[None] | None = None
         remembered = self._remembered.load()
         if remembered is not None:
@@ -115,24 +123,10 @@ class GatewayProvider(KernelProvider):
     async def close(self) -> None:
         await self._specs.close()
         await self._state.close()
-        tasks = list(self._tasks)
-        if tasks:
-            # Late launches being cleaned up: give them a moment, they delete kernels.
-            await asyncio.wait(tasks, timeout=min(self.config.request_timeout, CLOSE_WAIT))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Late launches being cleaned up: give them a moment, they delete kernels.
+        await self._tasks.wait(timeout=min(self.config.request_timeout, CLOSE_WAIT))
+        await self._tasks.cancel_all()
         await self.client.close()
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Gateway provider: a background task failed", exc_info=task.exception())
 
     # --- names -----------------------------------------------------------------------------
 
@@ -271,12 +265,12 @@ class GatewayProvider(KernelProvider):
         try:
             done, _ = await asyncio.wait({post}, timeout=timeout)
         except asyncio.CancelledError:
-            self._spawn(self._delete_late_kernel(post, request.kernel_id))
+            self._tasks.spawn(self._delete_late_kernel(post, request.kernel_id), _LATE_DELETE)
             raise
         if not done:
-            self._spawn(self._delete_late_kernel(post, request.kernel_id))
+            self._tasks.spawn(self._delete_late_kernel(post, request.kernel_id), _LATE_DELETE)
             raise self._launch_timeout(remote, timeout)
-        model = _json_object(post.result())
+        model = json_object(post.result())
         kernel_id = model.get("id")
         if not isinstance(kernel_id, str) or not kernel_id:
             raise GatewayRefused(
@@ -295,9 +289,9 @@ class GatewayProvider(KernelProvider):
         except (asyncio.TimeoutError, GatewayError, asyncio.CancelledError) as error:
             # Not usable: leave nothing behind on the gateway.
             self._closed(kernel)
-            self._spawn(self._delete_kernel(kernel_id))
+            self._tasks.spawn(self._delete_kernel(kernel_id), _LATE_DELETE)
             if isinstance(error, asyncio.TimeoutError):
-                raise self._launch_timeout(remote, timeout) from None
+                raise self._launch_timeout(remote, timeout) from error
             raise
         return kernel
 
@@ -310,7 +304,7 @@ class GatewayProvider(KernelProvider):
     async def _delete_late_kernel(self, post: asyncio.Task[httpx.Response], asked: str) -> None:
         """A launch that timed out or was given up: delete the kernel if it comes anyway."""
         try:
-            model = _json_object(await post)
+            model = json_object(await post)
         except GatewayError as error:
             logger.info("A gateway launch given up did not start a kernel: %s", error.message)
             model = {}
@@ -343,6 +337,7 @@ class GatewayProvider(KernelProvider):
             max_message_bytes=self.context.config.max_message_bytes,
             on_gone=self._gone,
             on_closed=self._closed,
+            not_answering=self._not_answering,
         )
         self._kernels[kernel_id] = kernel
         return kernel
@@ -352,24 +347,9 @@ class GatewayProvider(KernelProvider):
             del self._kernels[kernel.kernel_id]
 
     def _gone(self, kernel: GatewayKernel, notice: str) -> None:
-        self._spawn(self.context.host.detach_kernel(kernel.kernel_id, notice))
-
-    # --- what the registry asks of its kernels ---------------------------------------------
-
-    async def interrupt(self, kernel: ServedKernel) -> None:
-        assert isinstance(kernel, GatewayKernel)
-        await kernel.interrupt_remote()
-
-    async def restart(self, kernel: ServedKernel) -> None:
-        assert isinstance(kernel, GatewayKernel)
-        await kernel.restart()
-
-    async def terminate(self, kernel: ServedKernel) -> None:
-        assert isinstance(kernel, GatewayKernel)
-        hung = self._not_answering()
-        if hung is not None:
-            raise hung  # a DELETE would wait out request_timeout (and hold the server's stop)
-        await kernel.shutdown_remote()
+        self._tasks.spawn(
+            self.context.host.detach_kernel(kernel.kernel_id, notice), "forgetting a gone kernel"
+        )
 
     # --- the gateway's kernels -------------------------------------------------------------
 
@@ -405,7 +385,9 @@ class GatewayProvider(KernelProvider):
             remote = str(model.get("name") or "")
             kernel = self._kernel(kernel_id, self.local_name(remote), remote)
             kernel.update(model)
-            host.adopt(kernel_id, KernelEntry(server=kernel, name=kernel.kernel_name), self)
+            host.adopt(
+                kernel_id, KernelEntry(server=kernel, name=kernel.kernel_name, provider=self)
+            )
             logger.info("Adopted gateway kernel %s (%s)", kernel_id, remote)
 
     async def refresh(self, max_age: float = KERNELS_MAX_AGE) -> None:
@@ -446,7 +428,7 @@ class GatewayProvider(KernelProvider):
         models = {}
         for kernel_id in kernel_ids:
             try:
-                models[kernel_id] = _json_object(
+                models[kernel_id] = json_object(
                     await self.client.request("GET", f"/api/kernels/{kernel_id}")
                 )
             except GatewayRefused as error:
@@ -459,14 +441,6 @@ class GatewayProvider(KernelProvider):
             await asyncio.sleep(self.config.poll_interval)
             if not self._adopted or self._kernels:
                 await self._state.fresh(0, math.inf)
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _is_uuid4(value: str) -> bool:

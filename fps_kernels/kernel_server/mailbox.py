@@ -1,4 +1,4 @@
-"""One client of a kernel: its mailbox of kernel messages, and the socket that drains it.
+"""ClientMailbox: one client's mailbox of kernel messages, and the socket that drains it.
 
 A client is known by its session_id. Its mailbox outlives its WebSocket: when the socket
 drops, what the kernel says to the client keeps being queued (bounded in bytes and time), and a
@@ -11,12 +11,15 @@ import asyncio
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..kernel_driver.wire import pack
-from .messages import KernelMessage, server_message
+from .close_codes import CloseCode
+from .messages import KernelMessage, notice
+from .transport import write_never_waits
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class DropNotice:
 _Item = KernelMessage | StreamRun | DropNotice
 
 
-class ClientConnection:
+class ClientMailbox:
     """The mailbox of one client (session_id), and its current WebSocket if it has one."""
 
     def __init__(self, session_id: str, max_queue_bytes: int, notice_session: str) -> None:
@@ -88,6 +91,10 @@ class ClientConnection:
         self._done = asyncio.Event()
         self._done.set()
         self.expiry: asyncio.TimerHandle | None = None
+        # Whether a write to the socket would complete at once (None: not known), and
+        # whether one was made in this turn of the event loop (see _write).
+        self._writable: Callable[[], bool] | None = None
+        self._wrote_this_turn = False
 
     @property
     def online(self) -> bool:
@@ -102,7 +109,8 @@ class ClientConnection:
     def send(self, message: KernelMessage) -> None:
         size = message.size()
         if not self._queue:
-            self._append(message, size)
+            if not self._write_now(message):
+                self._append(message, size)
             return
         msg_type = message.msg_type
         if msg_type == "stream" and self._merge(message):
@@ -155,6 +163,38 @@ class ClientConnection:
             self._append(last, last.size)
         last.count += 1
 
+    def _write_now(self, message: KernelMessage) -> bool:
+        """Write to the socket here and now, without the writer task's turn, when the
+        mailbox is empty and the write cannot wait; False when it must be queued instead."""
+        websocket = self.websocket
+        if (
+            websocket is None
+            or self._writable is None
+            or self._wrote_this_turn
+            or self._close_with is not None
+            or self._writing.locked()
+            or not self._writable()
+        ):
+            return False
+        write = self._write(websocket, message)
+        try:
+            write.send(None)
+        except StopIteration:
+            return True
+        except Exception as error:
+            # As when the writer's write fails: the message waits for the next socket, and
+            # the receive side notices and cleans up.
+            if isinstance(error, (WebSocketDisconnect, OSError, RuntimeError)):
+                logger.debug("Stopped writing to client %s: %r", self.session_id, error)
+            else:
+                logger.exception("Stopped writing to client %s", self.session_id)
+            self.websocket = None
+            self._ready.set()
+            return False
+        # It waits after all, so it wrote nothing: the writer sends the message.
+        write.close()
+        return False
+
     # --- draining it into a socket ---------------------------------------------------------
 
     def attach(self, websocket: WebSocket, protocol: Protocol) -> None:
@@ -163,6 +203,7 @@ class ClientConnection:
             self.expiry = None
         self.websocket = websocket
         self.protocol = protocol
+        self._writable = write_never_waits(websocket)
         self._close_with = None
         self._done = asyncio.Event()
         self._ready.set()
@@ -228,6 +269,11 @@ class ClientConnection:
             logger.warning("Client %s: %s", self.session_id, _content_text(message))
 
     async def _write(self, websocket: WebSocket, message: KernelMessage) -> None:
+        if not self._wrote_this_turn:
+            # A write to a connection the peer reset goes nowhere, silently, until asyncio
+            # runs connection_lost on a later turn of the loop: no two writes in one turn.
+            self._wrote_this_turn = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
         if self.protocol == "v1":
             await websocket.send_bytes(message.v1_frame())
             return
@@ -237,20 +283,20 @@ class ClientConnection:
         else:
             await websocket.send_bytes(frame)
 
-    def _drop_notice(self, notice: DropNotice) -> KernelMessage:
-        text = (
-            f"[fps_kernels] {notice.count} output message(s) were dropped for this client: it "
-            f"could not keep up, and more than {self.max_queue_bytes} bytes were waiting for it.\n"
-        )
-        return server_message(
-            "iopub",
-            "stream",
-            {"name": "stderr", "text": text},
+    def _next_turn(self) -> None:
+        self._wrote_this_turn = False
+
+    def _drop_notice(self, dropped: DropNotice) -> KernelMessage:
+        return notice(
+            f"{dropped.count} output message(s) were dropped for this client: it could not "
+            f"keep up, and more than {self.max_queue_bytes} bytes were waiting for it.",
             self._notice_session,
-            notice.parent_header,
+            dropped.parent_header,
         )
 
-    async def close(self, code: int = 1000, reason: str = "", flush_timeout: float = 2.0) -> None:
+    async def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", flush_timeout: float = 2.0
+    ) -> None:
         """Send what is queued, then close the socket with `code`."""
         if self.expiry is not None:
             self.expiry.cancel()

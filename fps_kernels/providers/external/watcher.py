@@ -17,14 +17,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KernelFailed
-from .kernel_driver.connection import ConnectionInfo, InvalidConnectionFile, parse_connection_info
-from .kernel_driver.paths import runtime_dir
-from .kernel_driver.signing import Signer
-from .kernel_server.registry import KernelEntry
-from .kernel_server.server import KernelStartError
-from .launchers import ConnectionFileLauncher, KernelRequest
-from .providers.base import KernelHost
+from ...errors import KernelFailed
+from ...kernel_driver.connection import (
+    ConnectionInfo,
+    InvalidConnectionFile,
+    parse_connection_info,
+)
+from ...kernel_driver.paths import runtime_dir
+from ...kernel_driver.signing import Signer
+from ...kernel_driver.tasks import BackgroundTasks
+from ...kernel_server.registry import KernelEntry
+from ...kernel_server.server import KernelStartError
+from ...launchers import ConnectionFileLauncher, KernelRequest
+from ..base import KernelHost, KernelProvider
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ def parse_connection_file(content: bytes) -> ConnectionInfo:
     try:
         data = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidConnectionFile(f"not JSON ({error})") from None
+        raise InvalidConnectionFile(f"not JSON ({error})") from error
     if not isinstance(data, dict):
         raise InvalidConnectionFile("not a JSON object")
     missing = [name for name in _REQUIRED if name not in data]
@@ -56,7 +61,7 @@ def parse_connection_file(content: bytes) -> ConnectionInfo:
     try:
         Signer(info.key, info.signature_scheme)
     except ValueError as error:
-        raise InvalidConnectionFile(str(error)) from None
+        raise InvalidConnectionFile(str(error)) from error
     return info
 
 
@@ -72,21 +77,25 @@ class _File:
 
 
 class ExternalKernels:
-    """Serves the kernels whose connection files are in `directory`, while running."""
+    """Serves the kernels whose connection files are in `directory`, while running; they are
+    listed as `provider`'s when it watches for one."""
 
     def __init__(
         self,
         directory: Path,
-        registry: KernelHost,
+        host: KernelHost,
         launcher: ConnectionFileLauncher,
         poll_interval: float = POLL_INTERVAL,
+        provider: KernelProvider | None = None,
     ) -> None:
         self.directory = directory
-        self._registry = registry
+        self._host = host
         self._launcher = launcher
         self._poll_interval = poll_interval
+        self._provider = provider
         self._files: dict[Path, _File] = {}
         self._task: asyncio.Task[None] | None = None
+        self._attaches = BackgroundTasks(f"External kernels of {directory}")
         self._folder_problem = ""
 
     # --- lifetime ------------------------------------------------------------------------
@@ -115,10 +124,7 @@ class ExternalKernels:
                 await asyncio.sleep(self._poll_interval)
                 await self.scan()
         finally:
-            attaches = [f.attach for f in self._files.values() if f.attach is not None]
-            for attach in attaches:
-                attach.cancel()
-            await asyncio.gather(*attaches, return_exceptions=True)
+            await self._attaches.cancel_all()
 
     # --- scanning ------------------------------------------------------------------------
 
@@ -173,7 +179,7 @@ class ExternalKernels:
             await self._changed(path, content)
 
     def _check_still_served(self, path: Path, known: _File) -> None:
-        if known.adopted and known.kernel_id not in self._registry.kernels:
+        if known.adopted and known.kernel_id not in self._host.kernels:
             # Shut down through the API (DELETE): forget it until the file changes.
             logger.info("External kernel %s was shut down; ignoring %s", known.kernel_id, path)
             known.kernel_id = None
@@ -197,9 +203,9 @@ class ExternalKernels:
             return
         if known is not None and known.kernel_id is not None:
             await self._drop(path, "its connection file changed")
-        entry = _File(content, info, kernel_id=str(uuid.uuid4()))
-        self._files[path] = entry
-        entry.attach = asyncio.create_task(self._attach(path, entry))
+        file = _File(content, info, kernel_id=str(uuid.uuid4()))
+        self._files[path] = file
+        file.attach = self._attaches.spawn(self._attach(path, file), f"attaching {path.name}")
 
     async def _attach(self, path: Path, file: _File) -> None:
         assert file.kernel_id is not None and file.info is not None
@@ -217,7 +223,8 @@ class ExternalKernels:
         # One turn of the loop lets start() open its sockets, so that clients can be served
         # while the kernel is asked for kernel_info.
         await asyncio.sleep(0)
-        self._registry.adopt(kernel_id, KernelEntry(server=server, name=file.info.kernel_name))
+        entry = KernelEntry(server=server, name=file.info.kernel_name, provider=self._provider)
+        self._host.adopt(kernel_id, entry)
         file.adopted = True
         logger.info("External kernel %s (%s) from %s", kernel_id, file.info.kernel_name, path.name)
         try:
@@ -226,7 +233,7 @@ class ExternalKernels:
             logger.warning("External kernel from %s does not answer, ignoring it: %s", path, error)
             file.adopted = False
             file.kernel_id = None
-            await self._registry.detach_kernel(kernel_id, f"It did not answer: {error}")
+            await self._host.detach_kernel(kernel_id, f"It did not answer: {error}")
         finally:
             file.attach = None
 
@@ -239,6 +246,6 @@ class ExternalKernels:
             await asyncio.gather(file.attach, return_exceptions=True)
         if file.kernel_id is not None and file.adopted:
             logger.info("External kernel %s removed: %s", file.kernel_id, why)
-            await self._registry.detach_kernel(
+            await self._host.detach_kernel(
                 file.kernel_id, f"External kernel no longer served: {why}."
             )

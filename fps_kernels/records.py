@@ -1,0 +1,46 @@
+"""What the registry answers about kernels and sessions: typed records, which routes.py
+turns into the JSON of the Jupyter Server REST API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from .kernel_server.activity import ExecutionState
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """A served kernel as it is now."""
+
+    id: str
+    #: Its kernel type (kernelspec) name.
+    name: str
+    last_activity: datetime
+    execution_state: ExecutionState
+    #: The WebSocket clients connected to it through this server.
+    connections: int
+    #: Why it is in that state, when the server knows (e.g. a gateway that does not answer).
+    reason: str = ""
+
+
+@dataclass
+class SessionRecord:
+    """A session as the registry keeps it: a path (a notebook, a console) and its kernel."""
+
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel_id: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session with its kernel as it is now."""
+
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel: KernelInfo
