@@ -114,6 +114,18 @@ class KernelsPluginConfig(KernelsConfig):
         "larger one is answered 413 without being read.",
     )
 
+    persist: bool = Field(
+        default=False,
+        description="Kernels outlive the server: a stop (SIGTERM, SIGINT) or a crash leaves "
+        "them running, and the next start takes them back with the same kernel and session "
+        "ids; off, a stop shuts down every kernel, and those a persist run left.",
+    )
+    persist_keeper: bool = Field(
+        default=True,
+        description="With persist: one small keeper process per kernel holds its output and "
+        "replies while no server is there, so that a restart loses none.",
+    )
+
     wait_for_saves: bool = Field(
         default=True,
         description="Server-side execution holds its writes into a notebook while fps-yjs "

@@ -18,7 +18,8 @@ from .access import cors_origins
 from .config import KernelsPluginConfig
 from .kernel_driver.ownership import remove_stale_connection_files
 from .kernel_driver.paths import runtime_dir
-from .kernel_server.server import kernels
+from .kernel_server.server import KernelServer, kernels
+from .persistence import KernelPersistence
 from .providers import load_providers
 from .registry import Registry
 from .routes import KernelsRouter
@@ -61,14 +62,33 @@ class KernelsComponent(Component):
             app, config, auth, frontend_config, registry, yjs, execution, extra_origins=origins
         )
         ctx.add_resource(router, types=Kernels)
-        # Left by a server of ours that was killed (its kernels exited on their own).
-        remove_stale_connection_files(runtime_dir())
+        # Before the providers start: kernels taken back keep their ids.
+        persistence = KernelPersistence(registry, config)
+        if execution is not None:
+            persistence.running_cells = execution.running_cells
+        await persistence.start()
+        # Left by a server of ours that was killed (its kernels exited on their own), but
+        # for those of the kernels just taken back.
+        remove_stale_connection_files(runtime_dir(), keep=persistence.kept_connection_files())
         registry.start()
         await registry.start_providers()
+        if execution is not None:
+            execution.resume(persistence.resumed, tuple(persistence.gone))
 
         yield
 
-        await registry.stop(timeout=3 * config.shutdown_wait + 10)
+        let_go = persistence.freeze()
+        servers = {kernel_id: registry.kernels[kernel_id].server for kernel_id in let_go}
+        await registry.stop(timeout=3 * config.shutdown_wait + 10, let_go=let_go)
         if execution is not None:
+            # Their cells go on in the kernels: the next server resumes them, from where
+            # the keepers took over.
+            caught_up = {
+                kernel_id: server.last_iopub_id
+                for kernel_id, server in servers.items()
+                if isinstance(server, KernelServer)
+            }
+            persistence.last_running(await execution.let_go(let_go, caught_up))
             await execution.close()
+        await persistence.close()
         logger.info("Kernels plugin stopped")

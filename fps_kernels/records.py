@@ -8,6 +8,12 @@ from datetime import datetime
 
 from .kernel_server.activity import ExecutionState
 
+# A session as the registry keeps it (a path, a notebook or a console, and its kernel) is the
+# very entry the persistence record holds: one type, frozen, replaced on change.
+from .persist.record import SessionRecord
+
+__all__ = ["KernelInfo", "SessionInfo", "SessionRecord"]
+
 
 @dataclass(frozen=True)
 class KernelInfo:
@@ -22,17 +28,6 @@ class KernelInfo:
     connections: int
     #: Why it is in that state, when the server knows (e.g. a gateway that does not answer).
     reason: str = ""
-
-
-@dataclass
-class SessionRecord:
-    """A session as the registry keeps it: a path (a notebook, a console) and its kernel."""
-
-    id: str
-    path: str
-    name: str
-    type: str
-    kernel_id: str
 
 
 @dataclass(frozen=True)

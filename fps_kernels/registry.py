@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,19 @@ from .kernel_driver.tasks import BackgroundTasks, run_together
 from .kernel_server.activity import utc_now
 from .kernel_server.base import ServedKernel
 from .kernel_server.registry import KernelEntry, KernelRegistry
+from .kernel_server.server import KernelServer
 from .launchers import KernelRequest
 from .providers.base import KernelProvider, KernelResource, KernelType, valid_kernel_name
 from .records import KernelInfo, SessionInfo, SessionRecord
 
 logger = logging.getLogger(__name__)
+
+#: What the clients of a kernel left running at the server's stop are told.
+_LET_GO = "The server is stopping; the kernel keeps running and will be served again."
+
+
+def _nothing() -> None:
+    pass
 
 
 def kernel_cwd(root: Path, path: str | None) -> Path:
@@ -64,6 +73,12 @@ class Registry:
         self.sessions: dict[str, SessionRecord] = {}
         self._path_locks: dict[str, asyncio.Lock] = {}
         self._tasks = BackgroundTasks("Kernel registry")
+        #: Called after every change of the kernels or sessions (persistence.py's record).
+        self.on_change: Callable[[], None] = _nothing
+
+    def changed(self) -> None:
+        """Tell the one who keeps a record (kernels.persist) that something changed."""
+        self.on_change()
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -80,12 +95,12 @@ class Registry:
                 logger.exception("Kernel provider %r did not start: left out", provider.name)
                 self.providers.remove(provider)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float, let_go: Collection[str] = ()) -> None:
         """Stop the background work, then every kernel (see stop_all), then the providers."""
         await self._tasks.cancel_all()
         for provider in self.providers:
             await self._quietly(provider.stop(), f"stop provider {provider.name!r}")
-        await self.stop_all(timeout)
+        await self.stop_all(timeout, let_go)
         for provider in self.providers:
             await self._quietly(provider.close(), f"close provider {provider.name!r}")
 
@@ -252,11 +267,13 @@ class Registry:
         # A provider may give the kernel an id of its own (a gateway's).
         kernel_id = server.kernel_id or kernel_id
         self.kernels[kernel_id] = KernelEntry(server, name, provider=provider, owned=True)
+        self.changed()
         return self.kernel_info(kernel_id)
 
     def adopt(self, kernel_id: str, entry: KernelEntry) -> None:
         """Serve a kernel that runs elsewhere (it will never be signalled or killed)."""
         self.kernels[kernel_id] = entry
+        self.changed()
 
     async def shutdown_kernel(self, kernel_id: str, notice: str | None = None) -> None:
         """Shut a kernel down and forget it and its sessions; `notice` is told to clients."""
@@ -278,7 +295,9 @@ class Registry:
         """Stop listing a kernel and the sessions that use it."""
         for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
             del self.sessions[session.id]
-        return self.kernels.pop(kernel_id, None)
+        entry = self.kernels.pop(kernel_id, None)
+        self.changed()
+        return entry
 
     async def restart_kernel(self, kernel_id: str) -> KernelInfo:
         server = self.entry(kernel_id).server
@@ -288,17 +307,23 @@ class Registry:
             raise
         except Exception as error:
             raise KernelFailed(f"Kernel {kernel_id} did not restart: {error}") from error
+        finally:
+            self.changed()  # a new process
         return self.kernel_info(kernel_id)
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
         await self.entry(kernel_id).server.interrupt()
 
-    async def stop_all(self, timeout: float) -> None:
+    async def stop_all(self, timeout: float, let_go: Collection[str] = ()) -> None:
         """Shut every kernel we started down, in parallel, within `timeout` seconds; let go
-        of the others, which keep running."""
+        of the others, which keep running, and of those in `let_go` (kernels.persist: they
+        outlive the server, which takes them back at its next start)."""
         stops = []
         for kernel_id, entry in list(self.kernels.items()):
-            if entry.owned:
+            if kernel_id in let_go and isinstance(entry.server, KernelServer):
+                self.kernels.pop(kernel_id)
+                stops.append((f"Leaving kernel {kernel_id} running", entry.server.let_go(_LET_GO)))
+            elif entry.owned:
                 stops.append(
                     (f"Shutting kernel {kernel_id} down", self._shutdown_or_let_go(kernel_id))
                 )
@@ -377,6 +402,7 @@ class Registry:
         if record.kernel_id not in self.kernels:
             # Its kernel went away without us (e.g. removed from the registry by code).
             del self.sessions[session_id]
+            self.changed()
             raise SessionNotFound(session_id)
         return record
 
@@ -434,6 +460,7 @@ class Registry:
                 kernel_id=await self._kernel_for(path, kernel_id, kernel_name, username),
             )
             self.sessions[record.id] = record
+            self.changed()
             return self.session_info(record.id)
 
     async def _kernel_for(
@@ -464,20 +491,22 @@ class Registry:
     ) -> SessionInfo:
         """Change what is given of a session: a kernel by id (running) or by type (new)."""
         record = self.session(session_id)
-        old_kernel = record.kernel_id
+        old_kernel = new_kernel = record.kernel_id
         if kernel_id is not None and (kernel_id or kernel_name):
             self.entry(kernel_id)  # raises KernelNotFound
-            record.kernel_id = kernel_id
+            new_kernel = kernel_id
         elif kernel_id is None and kernel_name:
-            record.kernel_id = await self._kernel_for(
-                path or record.path, None, kernel_name, username
-            )
-        if path is not None:
-            record.path = path
-        if name is not None:
-            record.name = name
-        if type is not None:
-            record.type = type
+            new_kernel = await self._kernel_for(path or record.path, None, kernel_name, username)
+        # Read again: the session may have changed while a new kernel started.
+        record = replace(
+            self.session(session_id),
+            kernel_id=new_kernel,
+            path=record.path if path is None else path,
+            name=record.name if name is None else name,
+            type=record.type if type is None else type,
+        )
+        self.sessions[session_id] = record
+        self.changed()
         if record.kernel_id != old_kernel:
             await self._release(old_kernel)
         return self.session_info(record.id)
@@ -485,6 +514,7 @@ class Registry:
     async def delete_session(self, session_id: str) -> None:
         record = self.session(session_id)
         del self.sessions[session_id]
+        self.changed()
         await self._release(record.kernel_id)
 
     async def _release(self, kernel_id: str) -> None:

@@ -24,6 +24,7 @@ nbformat 4 does not allow.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +36,6 @@ from .kernel_driver.ycell import STATE_KEY, idle_states
 
 logger = logging.getLogger(__name__)
 
-#: A save is taken as sleeping until this long before its delay is over (timer jitter).
-SAVE_MARGIN = 0.05
 #: The longest the server's writes wait for one save to end.
 SAVE_WAIT = 10.0
 
@@ -92,8 +91,6 @@ class _Watched:
     document: Any
     subscription: Subscription
     cells: Array = field(repr=False)
-    changes: Subscription | None = None
-    changed_at: float = 0.0
 
 
 class RoomKeeper:
@@ -223,14 +220,7 @@ class RoomKeeper:
                     return
 
         subscription = cells.observe_deep(on_change)
-        watched = _Watched(document, subscription, cells, changed_at=loop.time())
-
-        def on_transaction(event: Any) -> None:
-            # fps-yjs (re)schedules its save on every change: this is when its sleep began.
-            watched.changed_at = loop.time()
-
-        watched.changes = cells.doc.observe(on_transaction)
-        self._watched[document_id] = watched
+        self._watched[document_id] = _Watched(document, subscription, cells)
 
     def _unwatch(self, document_id: str) -> None:
         watched = self._watched.pop(document_id, None)
@@ -238,8 +228,6 @@ class RoomKeeper:
             return
         try:
             watched.cells.unobserve(watched.subscription)
-            if watched.changes is not None:
-                watched.cells.doc.unobserve(watched.changes)
         except (RuntimeError, ValueError) as error:
             logger.debug("Could not unobserve %s: %r", document_id, error)
 
@@ -269,13 +257,23 @@ class RoomKeeper:
         saver = savers.get(document_id.split(":", 2)[-1])
         if not isinstance(saver, asyncio.Task) or saver.done():
             return
-        config = getattr(manager, "yjs_config", None)
-        delay = float(getattr(config, "document_save_delay", 1.0))
-        if asyncio.get_running_loop().time() - watched.changed_at < delay - SAVE_MARGIN:
-            return  # still sleeping: a change now only reschedules it
+        if _in_delay(saver):
+            return  # a change now only reschedules it
         _, pending = await asyncio.wait([saver], timeout=SAVE_WAIT)
         if pending:
             logger.warning("A save of %s took over %g s: writing anyway", document_id, SAVE_WAIT)
+
+    async def saved(self, document_id: str) -> None:
+        """Return once the document's pending save, if any, is written (bounded): at a stop
+        that leaves its cells running (kernels.persist), what they wrote must be in the file
+        the next server reads."""
+        savers = getattr(self._manager(), "savers", None)
+        saver = savers.get(document_id.split(":", 2)[-1]) if isinstance(savers, dict) else None
+        if not isinstance(saver, asyncio.Task) or saver.done():
+            return
+        _, pending = await asyncio.wait([saver], timeout=SAVE_WAIT)
+        if pending:
+            logger.warning("%s was not saved within %g s of the stop", document_id, SAVE_WAIT)
 
     def clean_states(self, document_id: str) -> None:
         """Remove the `execution_state` of the document's cells that do not run."""
@@ -288,3 +286,19 @@ class RoomKeeper:
         with watched.cells.doc.transaction():
             for ycell in cells:
                 del ycell[STATE_KEY]
+
+
+def _in_delay(saver: asyncio.Task[Any]) -> bool:
+    """Whether fps-yjs's saver is still in its delay, before it reads and writes the file.
+
+    Read off what its coroutine awaits, not guessed from the time of the last change: a
+    transaction that changes nothing does not reschedule the saver, and a loaded loop runs
+    it late.
+    """
+    coroutine = saver.get_coro()
+    if inspect.iscoroutine(coroutine) and (
+        inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED
+    ):
+        return True
+    awaited = getattr(coroutine, "cr_await", None)
+    return getattr(awaited, "__qualname__", None) == "sleep"

@@ -35,6 +35,9 @@ from . import browser_support
 from .browser_support import Server
 from .gateway_support import KernelGateway
 
+# On a loaded machine an assertion waits as long as an action does (5 s by default).
+expect.set_options(timeout=30_000)
+
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
 GATEWAY_DISPLAY_NAME = "Python 3 (ipykernel) (gateway)"
 KERNEL_START_TIMEOUT = 60_000  # ms; the first kernel start includes imports

@@ -27,6 +27,9 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from . import browser_support
 from .browser_support import Server
 
+# On a loaded machine an assertion waits as long as an action does (5 s by default).
+expect.set_options(timeout=30_000)
+
 WHEELS = {
     "docprovider": ("jupyter-docprovider==3.0.4", "@jupyter/docprovider-extension"),
     "nbmodel": ("jupyter-server-nbmodel==0.2.9", "@datalayer/jupyter-server-nbmodel"),
@@ -220,7 +223,7 @@ def test_every_tab_closed_while_a_cell_prints(
         type_and_run(page, cell, PRINTER, server)
         prompt = cell.locator(".jp-InputPrompt")
         expect(prompt).to_have_text("[*]:", timeout=TIMEOUT)
-        expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("101")
+        expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("101", timeout=TIMEOUT)
         context.close()  # every tab closed mid-run
         # Away longer than the room's cleanup delay: the server keeps the room open.
         time.sleep(CLEANUP_DELAY + 3)

@@ -94,9 +94,10 @@ Handler = Callable[[str, M], "Awaitable[None] | None"]
 
 
 def open_socket(
-    info: ConnectionInfo, channel: str, identity: bytes | None = None
+    info: ConnectionInfo, channel: str, identity: bytes | None = None, connect: bool = True
 ) -> zmq.asyncio.Socket:
-    """A connected socket to `channel` of the kernel: SUB for iopub, else a DEALER."""
+    """A connected socket to `channel` of the kernel: SUB for iopub, else a DEALER (not
+    connected yet with `connect=False`: the caller connects it to `info.url(channel)`)."""
     sock = zmq.asyncio.Context.instance().socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     # The kernel binds its ports after we connect: retry fast, so that a (re)started kernel
@@ -114,7 +115,8 @@ def open_socket(
         sock.curve_secretkey = info.curve_secretkey.encode()  # type: ignore[union-attr]
         sock.curve_publickey = info.curve_publickey.encode()  # type: ignore[union-attr]
         sock.curve_serverkey = info.curve_publickey.encode()  # type: ignore[union-attr]
-    sock.connect(info.url(channel))
+    if connect:
+        sock.connect(info.url(channel))
     return sock
 
 
@@ -136,6 +138,7 @@ class KernelChannel(Generic[M]):
         name: str = "kernel",
         identity: bytes | None = None,
         session: str | None = None,
+        linked: Collection[str] = LINKED_CHANNELS,
     ) -> None:
         self.info = info
         self.name = name
@@ -146,28 +149,38 @@ class KernelChannel(Generic[M]):
         self._build = build
         self._replay_guard = ReplayGuard()
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
-        self._linked = {c: asyncio.Event() for c in LINKED_CHANNELS if c in self.channels}
+        self._linked = {c: asyncio.Event() for c in linked if c in self.channels}
         self._waiting: dict[str, asyncio.Future[M]] = {}  # our requests' msg_ids
         self._iopub_waiter: asyncio.Future[None] | None = None
+        self._readers: dict[str, asyncio.Task[None]] = {}
         self._tasks = BackgroundTasks(f"Kernel {name}")
 
     @property
     def is_open(self) -> bool:
         return bool(self.sockets)
 
-    def open(self, handler: Handler[M] | None = None) -> None:
+    def open(self, handler: Handler[M] | None = None, later: Collection[str] = ()) -> None:
         """Connect the sockets and start reading them; `handler` gets what arrives (by
-        default, only the replies to our own requests are taken)."""
+        default, only the replies to our own requests are taken). The channels in `later`
+        are connected by `connect()` only."""
         for channel in self.channels:
-            sock = open_socket(self.info, channel, self.identity)
+            sock = open_socket(self.info, channel, self.identity, connect=False)
             if channel in self._linked:
+                # Watched from before the connection: a running kernel answers at once.
+                # A unique address: pyzmq's default names it after the socket's fd, which a
+                # socket closed a moment ago (reaped in the background) may still hold.
                 monitor = sock.get_monitor_socket(
-                    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
+                    addr=f"inproc://fps-kernels-monitor-{uuid.uuid4().hex}",
                 )
                 self._tasks.spawn(self._watch_link(channel, monitor), f"the {channel} monitor")
+            if channel not in later:
+                sock.connect(self.info.url(channel))
             self.sockets[channel] = sock
         for channel in self.channels:
-            self._tasks.spawn(self._read(channel, handler), f"the {channel} reader")
+            self._readers[channel] = self._tasks.spawn(
+                self._read(channel, handler), f"the {channel} reader"
+            )
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
@@ -179,9 +192,39 @@ class KernelChannel(Generic[M]):
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
+        self._readers.clear()
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+
+    def stop_reading(self, channel: str) -> None:
+        """Take nothing more from `channel` (what is queued stays unread): what the kernel
+        says there from now on is someone else's (a server letting go, its keeper)."""
+        reader = self._readers.pop(channel, None)
+        if reader is not None:
+            reader.cancel()
+
+    def connect(self, channels: Collection[str]) -> None:
+        """Connect the sockets `open()` was told to connect later."""
+        for channel in channels:
+            self.sockets[channel].connect(self.info.url(channel))
+
+    async def wait_linked(
+        self, timeout: float, channels: Collection[str] | None = None
+    ) -> list[str]:
+        """Wait until the watched sockets (of `channels`, all by default) are connected;
+        those that were not in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        late = []
+        for channel, linked in self._linked.items():
+            if channels is not None and channel not in channels:
+                continue
+            try:
+                await asyncio.wait_for(linked.wait(), max(deadline - loop.time(), 0.01))
+            except asyncio.TimeoutError:
+                late.append(channel)
+        return late
 
     def clear_replay_guard(self) -> None:
         """Forget the signatures seen: a restarted kernel may sign anew what it signed before."""

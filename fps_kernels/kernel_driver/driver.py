@@ -18,6 +18,12 @@ answers them.
 When the kernel restarts or dies, `kernel_lost` marks the running cell and every queued one
 with an error output and closes the sockets; the next cell opens new ones, so it runs on
 the new kernel.
+
+Across a restart of the server (kernels.persist), `resume` takes back an execution an
+earlier server sent: its outputs go on into its cell from iopub, and it ends on its idle
+status (its execute_reply went to the earlier server's socket); a kernel_info_request sent
+once iopub flows is the barrier that tells an execution which ended while no server was
+there, so that no cell is left running for good.
 """
 
 from __future__ import annotations
@@ -54,6 +60,18 @@ class DriverError(RuntimeError):
 class CellKey:
     document_id: str
     cell_id: str
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An execution into a cell, queued or sent and not ended (for kernels.persist)."""
+
+    key: CellKey
+    msg_id: str
+    sent: bool
+    execution_count: int | None
+    #: The last of its messages written into the cell.
+    last_msg_id: str = ""
 
 
 #: Finds a cell of a shared document again (for display updates), None if it is gone.
@@ -139,6 +157,10 @@ class _Execution:
     # Run again before it finished: as in JupyterLab, only the newest run writes the cell.
     superseded: bool = False
     ended: bool = False
+    # Sent by an earlier server (kernels.persist): it ends on idle, as its reply went there.
+    resumed: bool = False
+    execution_count: int | None = None
+    last_msg_id: str = ""
 
     def start(self) -> None:
         if not self.started:
@@ -191,9 +213,12 @@ class KernelDriver:
         ready_timeout: float = 60.0,
         name: str = "",
         quiet: QuietGate | None = None,
+        changed: Callable[[], None] | None = None,
     ) -> None:
         self.connection_info = connection_info
         self._quiet = quiet
+        # Told when an execution is queued, sent, counted or ended (the persistence record).
+        self._changed = changed
         self.name = name or "kernel"
         self._resolve = resolve
         self._widgets = widgets
@@ -212,6 +237,16 @@ class KernelDriver:
         self._closed = False
         self._input_parent: dict[str, Any] | None = None
         self._input_for: _Execution | None = None
+        self._connect_lock = asyncio.Lock()
+        self._iopub_seen = asyncio.Event()
+        self._barriers: set[str] = set()  # kernel_info_requests that end resumed executions
+        # Messages of resumed executions come two ways (`feed`, and our iopub): one at a time,
+        # in order, each once.
+        self._handling = asyncio.Lock()
+        self._resumed_seen: set[str] = set()
+        # The iopub messages handled last, to catch up with the server before a let-go.
+        self._recent_iopub: deque[str] = deque(maxlen=4096)
+        self._iopub_moved = asyncio.Event()
 
     # --- what the service calls ----------------------------------------------------------
 
@@ -254,7 +289,63 @@ class KernelDriver:
         )
         self._queue.append(execution)
         self._start_sender()
+        self._tell()
         return True
+
+    def resume(
+        self,
+        key: CellKey,
+        cell: SharedCell,
+        msg_id: str,
+        execution_count: int | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        """Take back an execution an earlier server sent to this kernel (kernels.persist):
+        not sent again; its outputs go on into `cell` (after those it has), and it ends on its
+        idle status, or at the barrier if it ended while no server was there."""
+        if self._closed:
+            raise DriverError("this kernel driver is closed")
+        execution = _Execution(
+            key=key,
+            cell=cell,
+            outputs=CellOutputs(cell.outputs(), key, self.displays),
+            code="",
+            on_end=on_end,
+            msg_id=msg_id,
+            started=True,
+            resumed=True,
+            execution_count=execution_count,
+        )
+        self._sent[msg_id] = execution
+        self._tasks.spawn(self._resume_connect(), "taking back executions")
+
+    def feed(self, channel: str, parts: list[bytes], buffers: list[bytes]) -> None:
+        """A message of a resumed execution that the server has, checked already: what the
+        keeper kept while no server ran, then live ones (those our sockets get too count
+        once)."""
+        message = _parse(channel, parts, buffers)
+        if message is not None and not self._closed:
+            self._tasks.spawn(self._on_message(channel, message), "a resumed cell's message")
+
+    async def _resume_connect(self) -> None:
+        try:
+            await self._ensure_connected()
+        except (DriverError, zmq.ZMQError) as error:
+            logger.warning("Kernel %s: %s", self.name, error)
+            reason = f"Could not reach the kernel after the server restarted: {error}"
+            self.kernel_lost("KernelNotReachable", reason, reason)
+
+    def in_flight(self) -> list[InFlight]:
+        """The executions into cells not ended yet, sent first, in order."""
+        return [
+            InFlight(e.key, e.msg_id, e.msg_id in self._sent, e.execution_count, e.last_msg_id)
+            for e in self._executions()
+            if e.key is not None and not e.superseded
+        ]
+
+    def _tell(self) -> None:
+        if self._changed is not None:
+            self._changed()
 
     def send_input(self, value: str) -> None:
         """Answer the kernel's pending `input()`; NoPendingInput when there is none."""
@@ -305,6 +396,7 @@ class KernelDriver:
                 len(executions),
                 running,
             )
+            self._tell()
 
     async def close(self) -> None:
         """Stop for good: fail what is left and release the sockets and tasks."""
@@ -313,6 +405,32 @@ class KernelDriver:
         self.kernel_lost("KernelShutdown", "The kernel was shut down", "The kernel was shut down")
         self._closed = True
         await self._tasks.cancel_all()
+
+    async def let_go(self, caught_up: str = "", timeout: float = 5.0) -> list[InFlight]:
+        """Stop for good, leaving the cells as they are: the kernel outlives the server
+        (kernels.persist), and the next server resumes them. First, handle iopub up to
+        `caught_up` (the last message the server gave its clients: where the keeper takes
+        over), so that nothing falls between the two. The executions in flight."""
+        if self._closed:
+            return []
+        if caught_up and self._connected:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while caught_up not in self._recent_iopub and loop.time() < deadline:
+                self._iopub_moved.clear()
+                try:
+                    await asyncio.wait_for(self._iopub_moved.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            async with self._handling:
+                pass  # the message being handled, if any, is written
+        in_flight = self.in_flight()
+        self._closed = True
+        self._sent.clear()
+        self._queue.clear()
+        self._disconnect()
+        await self._tasks.cancel_all()
+        return in_flight
 
     # --- cells -----------------------------------------------------------------------------
 
@@ -354,6 +472,8 @@ class KernelDriver:
 
     def _maybe_finish(self, execution: _Execution) -> None:
         reply = execution.reply
+        if reply is None and execution.resumed and execution.idle:
+            reply = {"status": "ok", "execution_count": execution.execution_count}
         if reply is None or (not execution.idle and reply.get("status") != "aborted"):
             return
         self._sent.pop(execution.msg_id, None)
@@ -363,6 +483,26 @@ class KernelDriver:
             count = reply.get("execution_count")
             execution.cell.finish(count if isinstance(count, int) else None)
         self._end(execution)
+        self._tell()
+
+    def _settle_resumed(self) -> None:
+        """The barrier came back: the resumed executions still here ended while no server
+        was there (their idle status went nowhere)."""
+        for execution in [e for e in self._sent.values() if e.resumed]:
+            if execution.outputs is not None and not execution.superseded:
+                try:
+                    execution.outputs.apply(
+                        "stream",
+                        {
+                            "name": "stderr",
+                            "text": "[the server restarted while this cell ran: it ended "
+                            "meanwhile, and what it printed then is not shown]\n",
+                        },
+                    )
+                except CellGone:
+                    execution.outputs = None
+            execution.idle = True
+            self._maybe_finish(execution)
 
     # --- ZMQ -------------------------------------------------------------------------------
 
@@ -378,12 +518,9 @@ class KernelDriver:
             while self._queue:
                 try:
                     if not self._connected:
-                        if self._accepting is not None:
-                            # Not while the kernel (re)starts: wait until it takes requests.
-                            await self._accepting()
+                        await self._ensure_connected()
                         if not self._queue:
                             break
-                        await self._connect()
                     await self._send(self._queue.popleft())
                 except (DriverError, zmq.ZMQError) as error:
                     logger.warning("Kernel %s: %s", self.name, error)
@@ -410,6 +547,7 @@ class KernelDriver:
                 metadata={"cellId": item.key.cell_id} if item.key is not None else {},
                 msg_id=item.msg_id,
             )
+            self._tell()
         elif item.msg_type == "input_reply":
             await self._send_message(
                 item.msg_type, item.content, channel="stdin", parent=item.parent_header
@@ -435,6 +573,49 @@ class KernelDriver:
         )
         await kernel.send_parts(channel, parts, buffers or [])
         return msg_id
+
+    async def _ensure_connected(self) -> None:
+        async with self._connect_lock:
+            if self._connected:
+                return
+            if self._accepting is not None:
+                # Not while the kernel (re)starts: wait until it takes requests.
+                await self._accepting()
+            if any(e.resumed for e in self._sent.values()):
+                await self._connect_resuming()
+            elif self._queue:
+                await self._connect()
+
+    async def _connect_resuming(self) -> None:
+        """Open the sockets to a kernel that may be busy with a resumed execution for hours:
+        wait for iopub (control's kernel_info_request is answered even while busy, and its
+        status goes out on iopub), not for a shell reply; then send the barrier on shell."""
+        self._disconnect()
+        kernel = KernelChannel(
+            self.connection_info,
+            _parse,
+            channels=(*_CHANNELS, "control"),
+            name=self.name,
+            session=self._session,
+        )
+        self._channel = kernel
+        self._iopub_seen.clear()
+        kernel.open(self._on_message)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout
+        while not self._iopub_seen.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._disconnect()
+                raise DriverError(f"no message on iopub within {self._ready_timeout:g} s")
+            kernel.post("control", "kernel_info_request", {})
+            try:
+                await asyncio.wait_for(self._iopub_seen.wait(), min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                continue
+        self._barriers.add(kernel.post("shell", "kernel_info_request", {}))
+        self._connected = True
+        logger.info("Kernel %s: server-side execution taken back", self.name)
 
     async def _connect(self) -> None:
         """Open the sockets and return once the kernel answered and iopub reaches us (and
@@ -469,11 +650,34 @@ class KernelDriver:
 
     def _disconnect(self) -> None:
         self._connected = False
+        self._barriers.clear()
         if self._channel is not None:
             self._channel.abort()
             self._channel = None
 
     async def _on_message(self, channel: str, message: _Message) -> None:
+        if not self._handling.locked() and not any(e.resumed for e in self._sent.values()):
+            self._resumed_seen.clear()
+            await self._handle(channel, message)
+            return
+        async with self._handling:
+            if self._seen_twice(message):
+                return
+            await self._handle(channel, message)
+
+    def _seen_twice(self, message: _Message) -> bool:
+        parent = self._sent.get(message.parent_msg_id or "")
+        if parent is None or not parent.resumed:
+            return False
+        msg_id = message.header.get("msg_id")
+        if not isinstance(msg_id, str):
+            return False
+        if msg_id in self._resumed_seen:
+            return True
+        self._resumed_seen.add(msg_id)
+        return False
+
+    async def _handle(self, channel: str, message: _Message) -> None:
         try:
             if channel == "iopub":
                 await self._on_iopub(message)
@@ -520,6 +724,25 @@ class KernelDriver:
 
     async def _on_iopub(self, message: _Message) -> None:
         msg_type = message.msg_type
+        self._iopub_seen.set()
+        try:
+            await self._on_iopub_message(message, msg_type)
+        finally:
+            msg_id = message.header.get("msg_id")
+            if isinstance(msg_id, str):
+                self._recent_iopub.append(msg_id)
+                self._iopub_moved.set()
+
+    async def _on_iopub_message(self, message: _Message, msg_type: str) -> None:
+        if (
+            self._barriers
+            and msg_type == "status"
+            and message.parent_msg_id in self._barriers
+            and message.content.get("execution_state") == "idle"
+        ):
+            self._barriers.clear()
+            self._settle_resumed()
+            return
         if msg_type in _COMM_TYPES:
             self._on_comm(message)
             return
@@ -534,6 +757,9 @@ class KernelDriver:
         if execution is None:
             return
         await self._settle(execution)
+        header_id = message.header.get("msg_id")
+        if isinstance(header_id, str):
+            execution.last_msg_id = header_id
         if msg_type == "status":
             state = message.content.get("execution_state")
             if state == "busy":
@@ -544,6 +770,10 @@ class KernelDriver:
             return
         if msg_type == "execute_input":
             execution.start()
+            count = message.content.get("execution_count")
+            if isinstance(count, int) and not isinstance(count, bool):
+                execution.execution_count = count
+                self._tell()
             return
         if msg_type not in _OUTPUT_MESSAGES:
             return

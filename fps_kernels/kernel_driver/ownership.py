@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -74,15 +75,19 @@ def _owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
-def remove_stale_connection_files(directory: Path) -> int:
+def remove_stale_connection_files(directory: Path, keep: Collection[str] = ()) -> int:
     """Remove the connection files in `directory` that this plugin wrote for a server that
-    is gone; files without our mark are never touched. Returns how many were removed."""
+    is gone; files without our mark are never touched, nor those in `keep` (the kernels this
+    server took back from the one that wrote them). Returns how many were removed."""
     try:
         candidates = sorted(directory.glob("kernel-*.json"))
     except OSError:
         return 0
+    kept = {os.path.realpath(path) for path in keep}
     removed = 0
     for path in candidates:
+        if os.path.realpath(path) in kept:
+            continue
         owner = _owner(path)
         if owner is None or owner == this_server() or _alive(owner):
             continue

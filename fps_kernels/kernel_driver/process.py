@@ -8,6 +8,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Sequence
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,28 @@ def describe_exit(returncode: int) -> str:
         cause = _LIKELY_CAUSES.get(sig)
         return f"killed by {sig.name}" + (f", {cause}" if cause else "")
     return f"exited with code {returncode}"
+
+
+class ProcessHandle(Protocol):
+    """What the server uses of a kernel's process, however it was started (KernelProcess
+    here; persist's LaunchedProcess and AdoptedProcess for kernels that outlive the server)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def recent_output(self) -> deque[str]: ...
+
+    def is_alive(self) -> bool: ...
+
+    async def wait(self) -> int: ...
+
+    def signal_group(self, sig: int) -> None: ...
+
+    async def terminate(self, term_wait: float, kill_wait: float = 5.0) -> int | None: ...
 
 
 class KernelProcess:
@@ -120,22 +143,49 @@ class KernelProcess:
         """SIGTERM, then SIGKILL, to the process group; returns the exit code once reaped."""
         if self._process is None:
             return None
-        for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
-            if not self.is_alive():
-                break
-            self.signal_group(sig)
-            try:
-                await asyncio.wait_for(self._process.wait(), wait)
-            except asyncio.TimeoutError:
-                logger.warning("%s did not exit within %ss of %s", self.log_name, wait, sig.name)
+        await end_process_group(self, self._process.pid, term_wait, kill_wait, self.log_name)
         returncode = await self.wait() if not self.is_alive() else None
-        # Anything the kernel started in its group goes too, so nothing is left behind.
-        if self.pid is not None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         for reader in self._readers:
             reader.cancel()
         self._readers.clear()
         return returncode
+
+
+class GroupLeader(Protocol):
+    """A kernel process in a session of its own, whatever started it."""
+
+    def is_alive(self) -> bool: ...
+
+    def signal_group(self, sig: int) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+async def end_process_group(
+    process: GroupLeader, pid: int, term_wait: float, kill_wait: float, name: str
+) -> None:
+    """SIGTERM, then SIGKILL, to the group of `process` (its pid), waiting for it after each;
+    then SIGKILL to what is left of its group, so that nothing it started is left behind."""
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        if not process.is_alive():
+            break
+        process.signal_group(sig)
+        try:
+            await asyncio.wait_for(process.wait(), wait)
+        except asyncio.TimeoutError:
+            logger.warning("%s did not exit within %ss of %s", name, wait, sig.name)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_watching_fd(fd: int | None) -> None:
+    """Close a pidfd, and stop the running loop's watch on it if there is one."""
+    if fd is None:
+        return
+    try:
+        asyncio.get_running_loop().remove_reader(fd)
+    except RuntimeError:
+        pass  # no running loop: nothing watches it
+    os.close(fd)

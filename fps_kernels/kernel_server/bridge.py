@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import zmq
@@ -62,6 +62,11 @@ class ClientBridge:
         self.allowed_messages: list[str] | None = None
         self.clients: dict[str, ClientMailbox] = {}
         self._routes: OrderedDict[str, str] = OrderedDict()  # request msg_id → client session
+        # Clients of a kernel taken back after a server restart: the replies to their
+        # requests sent before it have no route, and go by the request's session instead.
+        self._clients_before: frozenset[str] = frozenset()
+        #: Called when the set of mailboxes changes (a new client, a forgotten one).
+        self.on_change: Callable[[], None] | None = None
         self._tasks = BackgroundTasks(f"Kernel {kernel_id}")
 
     @property
@@ -80,10 +85,40 @@ class ClientBridge:
             session_id = self._routes.get(parent_id)
         else:
             session_id = self._routes.pop(parent_id, None)
+        if session_id is None and self._clients_before:
+            session = message.parent_header.get("session")
+            if session in self._clients_before:
+                session_id = session
         if session_id is not None:
             requester = self.clients.get(session_id)
             if requester is not None:
                 requester.send(message)
+
+    def expect(self, session_ids: Iterable[str]) -> None:
+        """Mailboxes for the clients a server had before its restart, offline (they expire as
+        any offline mailbox), so that a client back with its session_id gets what the kernel
+        said meanwhile, and the replies to its requests sent before."""
+        loop = asyncio.get_running_loop()
+        expected = []
+        for session_id in session_ids:
+            if session_id in self.clients:
+                continue
+            client = ClientMailbox(
+                session_id, self.settings.max_client_queue_bytes, self.channel.session
+            )
+            client.expiry = loop.call_later(
+                self.settings.offline_buffer_seconds, self._forget, client
+            )
+            self.clients[session_id] = client
+            expected.append(session_id)
+        self._clients_before = self._clients_before | frozenset(expected)
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                logger.exception("Kernel %s: the clients_changed hook failed", self.kernel_id)
 
     async def close_clients(self, code: int, reason: str) -> None:
         clients = list(self.clients.values())
@@ -113,6 +148,7 @@ class ClientBridge:
                 session_id, self.settings.max_client_queue_bytes, self.channel.session
             )
             self.clients[session_id] = client
+            self.changed()
         elif client.online:
             logger.info("Kernel %s: replacing stale connection %s", self.kernel_id, session_id)
             await client.replace(
@@ -148,6 +184,7 @@ class ClientBridge:
         """Drop the mailbox of a client that did not come back in time."""
         if self.clients.get(client.session_id) is client and not client.online:
             del self.clients[client.session_id]
+            self.changed()
             if client.queued_bytes:
                 logger.info(
                     "Kernel %s: discarded %d bytes buffered for client %s, which did not return",
@@ -221,6 +258,9 @@ class ClientBridge:
                 logger.warning(
                     "Kernel %s: dropped a %s (kernel not ready)", self.kernel_id, msg_type
                 )
+                return
+            if not self.channel.is_open:
+                logger.info("Kernel %s: dropped a %s (no longer served)", self.kernel_id, msg_type)
                 return
         if msg_type.endswith("_request") and not self._route(client, message, msg_type):
             return

@@ -8,6 +8,8 @@ from enum import IntEnum
 class CloseCode(IntEnum):
     #: The kernel was shut down, or the connection replaced by a newer one.
     NORMAL = 1000
+    #: The server stops and the kernel goes on (kernels.persist): come back to it later.
+    GOING_AWAY = 1001
     #: A connection refused by the Origin/Host checks.
     POLICY_VIOLATION = 1008
     #: A message over max_message_bytes (ours or a gateway's).

@@ -50,6 +50,8 @@ class KernelDispatch:
         # drop took a cell's idle status, the server ends the cell itself.
         self._last_reply: dict[str, Any] = {}
         self._idle_seen: deque[str] = deque(maxlen=64)
+        #: The last iopub message handed to the clients (where a keeper takes over).
+        self.last_delivered: KernelMessage | None = None
         self.stopped = False
 
     def stop(self) -> None:
@@ -88,6 +90,7 @@ class KernelDispatch:
             if self._held is not None:
                 self._held.append(message)
                 return
+            self.last_delivered = message
             self.bridge.broadcast(message)
             return
         if message.msg_type == "execute_reply":
@@ -151,7 +154,17 @@ class KernelDispatch:
         self._tell_losses(self._gaps.due(time.monotonic()))
         held, self._held = self._held or [], None
         for message in held:
+            self.last_delivered = message
             self.bridge.broadcast(message)
+
+    def flush(self) -> str:
+        """Hand the clients what is held back (the server lets the kernel go); the msg_id of
+        the last iopub message they were given, "" if none."""
+        if self._held is not None:
+            self._release_held()
+        last = self.last_delivered
+        msg_id = last.header.get("msg_id") if last is not None else None
+        return msg_id if isinstance(msg_id, str) else ""
 
     def _end_orphan_cell(self) -> None:
         """After a loss: if the cell that was answered never got its idle status (ipykernel

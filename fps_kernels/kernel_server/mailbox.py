@@ -104,6 +104,16 @@ class ClientMailbox:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    def first_unsent_iopub(self) -> str | None:
+        """The msg_id of the oldest iopub message still queued (not written to a socket)."""
+        for item in self._queue:
+            message = item.first if isinstance(item, StreamRun) else item
+            if isinstance(message, KernelMessage) and message.channel == "iopub":
+                msg_id = message.header.get("msg_id")
+                if isinstance(msg_id, str):
+                    return msg_id
+        return None
+
     # --- filling the mailbox (never waits) -------------------------------------------------
 
     def send(self, message: KernelMessage) -> None:

@@ -9,9 +9,10 @@ WebSockets (bridge.py). Where it stands is one state (readiness.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ from typing import Any
 import zmq
 from starlette.websockets import WebSocket
 
-from ..kernel_driver.channel import KernelChannel, LinkFailed, NoAnswer, ProcessExited
+from ..kernel_driver.channel import (
+    LINKED_CHANNELS,
+    KernelChannel,
+    LinkFailed,
+    NoAnswer,
+    ProcessExited,
+)
 from ..kernel_driver.connection import (
     ConnectionInfo,
     InvalidConnectionFile,
@@ -31,18 +38,25 @@ from ..kernel_driver.connection import (
 )
 from ..kernel_driver.control import request_shutdown
 from ..kernel_driver.kernelspec import KernelSpec, load_kernelspec
+from ..kernel_driver.ownership import process_start
 from ..kernel_driver.paths import runtime_dir
-from ..kernel_driver.process import KernelProcess, describe_exit
+from ..kernel_driver.process import ProcessHandle, describe_exit
 from ..kernel_driver.tasks import BackgroundTasks
+from ..persist.keeper_client import keeper_socket_path
+from ..persist.liveness import AdoptedProcess
+from ..persist.logs import kernel_log_path
+from ..persist.record import KernelRecord
 from .activity import ExecutionState, KernelActivity
 from .bridge import ClientBridge
 from .close_codes import CloseCode
 from .dispatch import KernelDispatch
-from .messages import KernelMessage
+from .keeping import KernelKeeping
+from .messages import KernelMessage, notice
 from .readiness import Readiness, ReadinessState
 from .registry import KernelEntry, KernelRegistry
 from .settings import ServerSettings
 from .supervisor import KernelStartError, KernelSupervisor
+from .takeback import TakeBackInbound
 
 __all__ = [
     "KernelServer",
@@ -59,6 +73,11 @@ logger = logging.getLogger(__name__)
 #: Every kernel served at /api/kernels/{id}/channels (upstream's public registry).
 kernels = KernelRegistry()
 
+_DEALERS = ("shell", "control", "stdin")
+_TAKEN_BACK_LINKS = ("iopub", *_DEALERS)
+#: How long a kernel taken back may take to accept our sockets before it is served anyway.
+_TAKE_BACK_LINKS = 5.0
+
 
 @dataclass(frozen=True)
 class KernelIdentity:
@@ -70,6 +89,8 @@ class KernelIdentity:
     session_name: str | None = None
     #: Where its ports come from (the registry's allocator unless given).
     ports: PortAllocator | None = None
+    #: The ZMQ identity of its shell/control/stdin sockets (random unless given).
+    zmq_identity: bytes | None = None
 
 
 class KernelServer:
@@ -118,7 +139,12 @@ class KernelServer:
         self.kernel_name = self.kernel_name or self.connection_info.kernel_name
 
         self._channel: KernelChannel[KernelMessage] = KernelChannel(
-            self.connection_info, KernelMessage, name=self.kernel_id
+            self.connection_info,
+            KernelMessage,
+            name=self.kernel_id,
+            identity=identity.zmq_identity,
+            # A kernel taken back: every socket is watched (see take_back()).
+            linked=LINKED_CHANNELS if identity.zmq_identity is None else _TAKEN_BACK_LINKS,
         )
         self._bridge = ClientBridge(self.kernel_id, settings, self._channel, self.readiness)
         self._dispatch = KernelDispatch(
@@ -127,6 +153,10 @@ class KernelServer:
         self._supervisor: KernelSupervisor | None = None
         # Finishes a start that returned as soon as the process ran (see start()).
         self._tasks = BackgroundTasks(f"Kernel {self.kernel_id}")
+        # kernels.persist: the record of a kernel being taken back, its keeper.
+        self._taken_back: KernelRecord | None = None
+        self._inbound: TakeBackInbound | None = None
+        self._keeping: KernelKeeping | None = None
 
     @classmethod
     def launching(
@@ -163,6 +193,43 @@ class KernelServer:
             identity=identity,
         )
 
+    @classmethod
+    def adopting(
+        cls,
+        record: KernelRecord,
+        process: AdoptedProcess,
+        spec: KernelSpec | None,
+        settings: ServerSettings,
+        ports: PortAllocator | None = None,
+    ) -> KernelServer:
+        """A server for a kernel an earlier server launched and let go (kernels.persist),
+        with the same id, connection file and ZMQ identity; `take_back()` serves it again.
+        It owns the process and the connection file as if it had launched it: a stop shuts
+        the kernel down and removes the file; if the kernel dies, `spec` launches it again.
+        InvalidConnectionFile or ValueError for a bad connection file."""
+        identity = KernelIdentity(
+            spec,
+            record.kernel_id,
+            record.kernel_name,
+            None,
+            ports,
+            zmq_identity=bytes.fromhex(record.shell_identity),
+        )
+        server = cls(
+            kernel_cwd=record.cwd,
+            connection_file=record.connection_file,
+            write_connection_file=False,
+            settings=settings,
+            identity=identity,
+        )
+        # Read, not rewritten, but ours from now on: removed at stop, its ports held.
+        server.write_connection_file = True
+        server._ports.hold(server.connection_info.ports())
+        server._supervisor = server._new_supervisor()
+        server._supervisor.adopt(process)
+        server._taken_back = record
+        return server
+
     # --- upstream's attributes -----------------------------------------------------------
 
     @property
@@ -195,7 +262,7 @@ class KernelServer:
         return self.process is not None
 
     @property
-    def process(self) -> KernelProcess | None:
+    def process(self) -> ProcessHandle | None:
         return self._supervisor.process if self._supervisor is not None else None
 
     @property
@@ -247,6 +314,179 @@ class KernelServer:
     ) -> None:
         """Accept `websocket` and bridge it to the kernel until either side goes away."""
         await self._bridge.serve(websocket, session_id)
+
+    # --- kernels that outlive the server (kernels.persist) --------------------------------
+
+    @property
+    def zmq_identity(self) -> bytes:
+        """The ZMQ identity of its shell, control and stdin sockets, the same for its whole
+        life (restarts included): a server taking it back reuses it, so that the replies to
+        requests sent before reach it."""
+        return self._channel.identity
+
+    @property
+    def keeper_socket(self) -> str:
+        """The socket of the keeper holding its output, "" without one."""
+        return self._keeping.socket_path if self._keeping is not None else ""
+
+    def process_identity(self) -> tuple[int, str] | None:
+        """(pid, start time) of its process, which tells it from a later process given the
+        same pid; None without a process of ours."""
+        pid = self._supervisor.process_pid if self._supervisor is not None else None
+        if pid is None:
+            return None
+        return pid, process_start(pid) or ""
+
+    def client_ids(self) -> tuple[str, ...]:
+        """The session_ids of its clients with a mailbox (connected or expected back)."""
+        return tuple(self._bridge.clients)
+
+    @property
+    def clients_changed(self) -> Callable[[], None] | None:
+        """Called when what a record holds of the kernel changes: client_ids() (a new client,
+        a mailbox forgotten), its process (started again), its keeper_socket."""
+        return self._bridge.on_change
+
+    @clients_changed.setter
+    def clients_changed(self, hook: Callable[[], None] | None) -> None:
+        self._bridge.on_change = hook
+
+    def follow_cell(self, msg_id: str, follower: Callable[[str, KernelMessage], None]) -> bool:
+        """For a kernel taken back: hand `follower` the messages (any channel) whose parent is
+        `msg_id`, one of the record's running cells: those kept since the take-back (the
+        keeper's backlog first), then the live ones until the cell's idle status. False
+        when that cell is not followed (not running at take-back, or forgotten after
+        offline_buffer_seconds)."""
+        return self._inbound is not None and self._inbound.follow(msg_id, follower)
+
+    async def take_back(self) -> None:
+        """Serve again the kernel `adopting()` describes, at once: never waits for a
+        kernel_info_reply (a busy kernel answers only when its cell ends). Its recorded
+        clients get mailboxes first; its keeper's backlog is played before live output; it
+        takes requests once our sockets are connected, and is "busy" until it answers."""
+        record = self._taken_back
+        if record is None:
+            raise RuntimeError("take_back() serves a kernel given to adopting()")
+        if self.readiness.state is not Readiness.NEW:
+            raise RuntimeError("this kernel server was already started")
+        self.readiness.set(Readiness.STARTING)
+        self.activity.set_state("busy", "taken back after a server restart")
+        self._bridge.expect(record.clients)
+        inbound = TakeBackInbound(
+            self._dispatch.dispatch,
+            [cell.msg_id for cell in record.running],
+            self.settings.offline_buffer_seconds,
+        )
+        self._inbound = inbound
+        # iopub first, the keeper's backlog, then the DEALERs: a kernel's ROUTER hands an
+        # identity to the peer whose connection came last, and a keeper that connected its
+        # own after ours (a server killed just before) would hold our replies for good.
+        self._channel.open(inbound, later=_DEALERS)
+        wait = min(_TAKE_BACK_LINKS, self.settings.startup_timeout)
+        try:
+            late = await self._channel.wait_linked(wait, ("iopub",))
+            backlog = None
+            # Recorded, or started by a server killed before it recorded it.
+            socket = record.keeper_socket or str(self._keeper_path())
+            if record.keeper_socket or Path(socket).exists():
+                backlog = await self._keeper().attach(socket)
+            dropped = inbound.play(backlog, self._channel.verify)
+            if dropped:
+                self._bridge.broadcast(
+                    notice(
+                        f"{dropped} output message(s) were dropped while the server was away: "
+                        "more than the keeper holds came meanwhile.",
+                        self._channel.session,
+                        self._dispatch.running_cell,
+                    )
+                )
+            self._channel.connect(_DEALERS)
+            late += await self._channel.wait_linked(wait, _DEALERS)
+            if late:
+                logger.warning(
+                    "Kernel %s: no connection on %s yet: served anyway",
+                    self.kernel_id,
+                    ", ".join(late),
+                )
+        except BaseException:
+            self._dispatch.stop()
+            await self._channel.close()
+            raise
+        pid = self._supervisor.process_pid if self._supervisor is not None else None
+        if self._keeping is not None and not self.settings.persist_keeper:
+            await self._keeping.shutdown()  # a keeper the option no longer wants
+        elif self.settings.persist_keeper:
+            keeping = self._keeper()
+            keeping.adopted(pid)
+            keeping.ensure(pid)
+        self.readiness.set(Readiness.READY)
+        reply: asyncio.Future[KernelMessage] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(self._answered)
+        self._channel.post("shell", "kernel_info_request", {}, reply)
+        self._watch()
+        logger.info(
+            "Kernel %s (pid %s) taken back%s",
+            self.kernel_id,
+            pid,
+            f", {len(backlog.messages)} message(s) from its keeper" if backlog else "",
+        )
+
+    def _answered(self, reply: asyncio.Future[KernelMessage]) -> None:
+        if reply.cancelled():
+            return
+        self.kernel_info = reply.result().content()
+        if self.activity.execution_state == "busy":
+            # Its shell answered: no cell runs (iopub tells from now on).
+            self.activity.set_state("idle", "")
+
+    def _keeper_path(self) -> Path:
+        return keeper_socket_path(self.kernel_id)
+
+    def _keeper(self) -> KernelKeeping:
+        if self._keeping is None:
+            self._keeping = KernelKeeping(
+                self.kernel_id,
+                self.connection_file_path,
+                self.zmq_identity,
+                kernel_log_path(self.kernel_id),
+                self._bridge.changed,
+            )
+        return self._keeping
+
+    @property
+    def last_iopub_id(self) -> str:
+        """The msg_id of the last iopub message handed to clients, "" if none: where the
+        keeper takes over at let_go() (server-side execution catches up to it)."""
+        last = self._dispatch.last_delivered
+        msg_id = last.header.get("msg_id") if last is not None else None
+        return msg_id if isinstance(msg_id, str) else ""
+
+    async def let_go(self, notice: str | None = None) -> None:
+        """The server stops, the kernel stays (kernels.persist): the clients get what is
+        queued for them and are told to come back (1001); the keeper takes over after the
+        last output they were given (any client's queue that could not be written is kept
+        again); the sockets close; the process is left alone, its connection file and log
+        kept."""
+        await self._stop_watching()
+        # Requests from now on wait, then are dropped: the kernel is no longer ours.
+        self.readiness.set(Readiness.RESTARTING)
+        self._channel.stop_reading("iopub")
+        last = self._dispatch.flush()
+        # The clients get what is queued for them (those still connected), then what was
+        # left in a queue (an offline client's, one closed before) the keeper keeps again.
+        mailboxes = list(self._bridge.clients.values())
+        await self._bridge.close_clients(
+            CloseCode.GOING_AWAY, notice or "The server is restarting; the kernel goes on"
+        )
+        unsent = [m for m in (box.first_unsent_iopub() for box in mailboxes) if m is not None]
+        if self._keeping is not None:
+            await self._keeping.detach(last, unsent)
+        self._dispatch.stop()
+        await self._channel.close()
+        self.readiness.set(Readiness.DEAD)
+        if self._supervisor is not None:
+            self._supervisor.let_go()
+        logger.info("Kernel %s let go: it outlives the server", self.kernel_id)
 
     # --- connection file -----------------------------------------------------------------
 
@@ -347,17 +587,20 @@ class KernelServer:
         if self.kernelspec is None:
             raise KernelStartError("Could not find a kernel, maybe you forgot to install one?")
         if self._supervisor is None:
-            self._supervisor = KernelSupervisor(
-                self.kernelspec,
-                self.settings,
-                kernel_id=self.kernel_id,
-                cwd=self.kernel_cwd,
-                session_name=self.session_name,
-                connection_file=self.connection_file_path,
-                connection_info=self.connection_info,
-                write_file=self.write_connection_file,
-            )
+            self._supervisor = self._new_supervisor()
         await self._supervisor.launch()
+
+    def _new_supervisor(self) -> KernelSupervisor:
+        return KernelSupervisor(
+            self.kernelspec,
+            self.settings,
+            kernel_id=self.kernel_id,
+            cwd=self.kernel_cwd,
+            session_name=self.session_name,
+            connection_file=self.connection_file_path,
+            connection_info=self.connection_info,
+            write_file=self.write_connection_file,
+        )
 
     def _watch(self) -> None:
         if self._supervisor is not None:
@@ -400,6 +643,10 @@ class KernelServer:
         self.kernel_info = reply.content()
         if self._supervisor is not None:
             self._supervisor.ready()
+            if self.settings.persist:
+                self._bridge.changed()  # a new process to record
+                if self.settings.persist_keeper:
+                    self._keeper().ensure(self._supervisor.process_pid)
         self.readiness.set(Readiness.READY)
         if self.activity.execution_state in ("starting", "restarting"):
             self.activity.set_state("idle", self.activity.reason)
@@ -452,6 +699,7 @@ class KernelServer:
         answered = self.readiness.answered
         self.readiness.set(Readiness.DEAD)
         await self._stop_process(restart=False, answered=answered)
+        await self._forget_persisted()
         if notice:
             self._tell(notice, "dead", notice)
         else:
@@ -459,6 +707,13 @@ class KernelServer:
             self._dispatch.announce("dead")
         await self._bridge.close_clients(CloseCode.NORMAL, notice or "Kernel shut down")
         await self._close()
+
+    async def _forget_persisted(self) -> None:
+        """A kernel that could have outlived the server is shut down: its keeper and log go."""
+        if self._keeping is not None:
+            await self._keeping.shutdown()
+        if self.settings.persist and self._supervisor is not None:
+            self._supervisor.log_path.unlink(missing_ok=True)
 
     async def _stop_watching(self) -> None:
         """Cancel the task finishing the start, if any, and the watch of the process."""

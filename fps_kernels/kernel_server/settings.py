@@ -21,6 +21,10 @@ class ServerSettings:
     max_message_bytes: int = 128 * 1024 * 1024
     transport_encryption: Literal["disabled", "auto", "required"] = "disabled"
     capture_kernel_output: bool = True
+    #: Kernels outlive the server (no parent poller, output to a log file, let go at stop).
+    persist: bool = False
+    #: With persist: a keeper process per kernel holds its output while no server is there.
+    persist_keeper: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> ServerSettings:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from ..kernel_driver.connection import ConnectionInfo, write_connection_file
 from ..kernel_driver.kernelspec import KernelSpec, environment_for_kernel
-from ..kernel_driver.process import KernelProcess, describe_exit
+from ..kernel_driver.process import KernelProcess, ProcessHandle, describe_exit
 from ..kernel_driver.tasks import BackgroundTasks
+from ..persist.launched import LaunchedProcess
+from ..persist.logs import kernel_log_path
 from .activity import ExecutionState
 from .settings import ServerSettings
 
@@ -32,11 +34,12 @@ class KernelStartError(RuntimeError):
 
 
 class KernelSupervisor:
-    """The process of one kernel launched from `spec`, with its connection file."""
+    """The process of one kernel launched from `spec`, with its connection file (or adopted:
+    started by an earlier server; `spec`, when known, launches it again)."""
 
     def __init__(
         self,
-        spec: KernelSpec,
+        spec: KernelSpec | None,
         settings: ServerSettings,
         *,
         kernel_id: str,
@@ -54,7 +57,7 @@ class KernelSupervisor:
         self.connection_file = connection_file
         self.connection_info = connection_info
         self.write_file = write_file
-        self.process: KernelProcess | None = None
+        self.process: ProcessHandle | None = None
         self._unstable_deaths = 0  # deaths right after a start, in a row
         self._ready_at = 0.0
         self._did_work = False  # ran a cell to its end since its last start
@@ -77,21 +80,33 @@ class KernelSupervisor:
         return ": " + " | ".join(list(self.process.recent_output)[-5:])
 
     async def launch(self) -> None:
+        if self.spec is None:
+            # An adopted kernel whose kernelspec is gone: it cannot be launched again.
+            raise KernelStartError(f"Kernel {self.kernel_id}: its kernelspec is gone")
         if self.write_file and not Path(self.connection_file).exists():
             # Removed when its first start failed: a restart launches it again.
             write_connection_file(self.connection_file, self.connection_info)
-        process = KernelProcess(
-            self.spec.command(os.path.realpath(self.connection_file)),
-            env=environment_for_kernel(self.spec, self.session_name),
-            cwd=self.cwd or None,
-            capture_output=self.settings.capture_kernel_output,
-            log_name=f"kernel {self.kernel_id[:8]}",
-        )
+        argv = self.spec.command(os.path.realpath(self.connection_file))
+        env = environment_for_kernel(self.spec, self.session_name)
+        log_name = f"kernel {self.kernel_id[:8]}"
+        process: KernelProcess | LaunchedProcess
+        if self.settings.persist:
+            process = LaunchedProcess(
+                argv, env, self.log_path, cwd=self.cwd or None, log_name=log_name
+            )
+        else:
+            process = KernelProcess(
+                argv,
+                env=env,
+                cwd=self.cwd or None,
+                capture_output=self.settings.capture_kernel_output,
+                log_name=log_name,
+            )
         try:
             await process.start()
         except OSError as error:
             raise KernelStartError(
-                f"Could not launch kernel {self.spec.name!r} ({process.argv[0]}): {error}"
+                f"Could not launch kernel {self.spec.name!r} ({argv[0]}): {error}"
             ) from None
         logger.info(
             "Started kernel %s (%s), pid %s, in %s",
@@ -102,6 +117,27 @@ class KernelSupervisor:
         )
         self.process = process
         self._did_work = False
+
+    @property
+    def log_path(self) -> Path:
+        """Where a kernel that outlives the server writes its output (persist only)."""
+        return kernel_log_path(self.kernel_id)
+
+    @property
+    def process_pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def adopt(self, process: ProcessHandle) -> None:
+        """Take over a kernel process an earlier server started (persist)."""
+        self.process = process
+        self._did_work = False
+
+    def let_go(self) -> None:
+        """Forget the process without signalling it: the server stops, the kernel stays."""
+        process, self.process = self.process, None
+        close = getattr(process, "close", None)
+        if close is not None:
+            close()
 
     def interrupt(self) -> None:
         if self.process is not None:
@@ -129,11 +165,14 @@ class KernelSupervisor:
             self._unstable_deaths = 0 if stable else self._unstable_deaths + 1
             if (
                 not self.settings.autorestart
+                or self.spec is None
                 or self._unstable_deaths >= self.settings.restart_limit
             ):
                 why = (
                     "automatic restart is off"
                     if not self.settings.autorestart
+                    else "its kernelspec is gone"
+                    if self.spec is None
                     else f"it died {self._unstable_deaths} times in a row right after starting"
                 )
                 logger.error("Kernel %s died and stays dead (%s): %s", self.kernel_id, why, cause)
