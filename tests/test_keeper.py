@@ -116,7 +116,13 @@ class FakeServer:
                 sock.setsockopt(zmq.RCVHWM, 0)
             else:
                 sock.setsockopt(zmq.IDENTITY, self.identity)
-            monitors.append(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+            # A unique address: pyzmq's default is named after the fd, which a socket closed
+            # a moment ago may still hold.
+            monitors.append(
+                sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://test-monitor-{uuid.uuid4().hex}"
+                )
+            )
             sock.connect(self.kernel.info.url(channel))
             self.sockets[channel] = sock
         # Connected for real (the identity taken over) before going on.
