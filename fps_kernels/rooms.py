@@ -103,6 +103,7 @@ class RoomKeeper:
         self._holds: dict[str, _Hold] = {}
         self._leaving: dict[str, asyncio.Task[None]] = {}
         self._watched: dict[str, _Watched] = {}
+        self._told_index_stopped = False
 
     def _manager(self) -> Any:
         return getattr(self._yjs, "room_manager", None)
@@ -117,6 +118,7 @@ class RoomKeeper:
             manager = self._manager()
             if manager is None:
                 return
+            self._check_file_index(manager)
             leaving = self._leaving.get(document_id)
             if leaving is not None:
                 # fps-yjs schedules the room's cleanup when a client leaves an empty room, and
@@ -137,6 +139,25 @@ class RoomKeeper:
                     JOIN_TIMEOUT,
                 )
         self._watch(document_id)
+
+    def _check_file_index(self, manager: Any) -> None:
+        """Warn once when fps-contents' file-id index stopped following renames (README,
+        "Renaming a notebook while fps-yjs saves it"): nothing else would ever say so."""
+        if self._told_index_stopped:
+            return
+        file_ids = getattr(getattr(manager, "contents", None), "file_id_manager", None)
+        task = getattr(file_ids, "watch_files_task", None)
+        if not isinstance(task, asyncio.Task) or not task.done() or task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        self._told_index_stopped = True
+        logger.warning(
+            "fps-contents' file-id index stopped following file changes (%r): notebooks renamed "
+            "from now on are no longer saved by fps-yjs until jupyverse restarts",
+            error,
+        )
 
     def _join(self, document_id: str, manager: Any) -> _Hold:
         rooms = getattr(getattr(manager, "websocket_server", None), "rooms", {})
