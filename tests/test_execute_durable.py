@@ -22,8 +22,18 @@ import httpx
 import nbformat
 import pytest
 
-from .conftest import JupyverseServer
-from .test_execute import execute, http_client, opened, shared, stream, write_notebook
+from .conftest import JupyverseServer, new_kernel, serving
+from .test_execute import (
+    execute,
+    http_client,
+    notebook_room,
+    opened,
+    queue,
+    shared,
+    stream,
+    write_notebook,
+    yjs_server,
+)
 from .ydoc_client import Notebook, room, until
 
 pytestmark = pytest.mark.anyio
@@ -32,36 +42,19 @@ CLEANUP_DELAY = 1.0
 
 
 def durable_server(home: Path) -> JupyverseServer:
-    return JupyverseServer(
-        home,
-        kernels={"require_yjs": True, "startup_timeout": 30},
-        yjs=True,
-        extra_components={
-            "yjs": {
-                "type": "yjs",
-                "document_save_delay": 0.2,
-                "document_cleanup_delay": CLEANUP_DELAY,
-            }
-        },
-    )
+    return yjs_server(home, {"document_cleanup_delay": CLEANUP_DELAY}, startup_timeout=30)
 
 
 @pytest.fixture(scope="module")
 def dserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
     srv = durable_server(tmp_path_factory.mktemp("jupyverse-durable"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 @pytest.fixture
 def dkernel(dserver: JupyverseServer) -> Iterator[str]:
     with dserver.client() as client:
-        response = client.post("/api/kernels", json={"name": "python3"})
-        assert response.status_code == 201, response.text
-        kernel_id = response.json()["id"]
-        yield kernel_id
-        client.delete(f"/api/kernels/{kernel_id}")
+        yield from new_kernel(client)
 
 
 def saved_cells(server: JupyverseServer, path: str) -> dict[str, Any]:
@@ -94,12 +87,9 @@ async def test_execution_state_is_running_while_queued_and_gone_after(
 ) -> None:
     cells = {"slow": "import time\ntime.sleep(1)", "next": "print('next')", "last": "1 + 1"}
     path = write_notebook(dserver.root, "prompt.ipynb", cells)
-    doc_id = shared(dserver, path)
-    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
-        nb = await opened(doc, len(cells))
+    async with notebook_room(dserver, path, len(cells)) as (doc_id, doc, nb, http):
         states = {cell_id: nb.watch_state(cell_id) for cell_id in cells}
-        for cell_id in cells:
-            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+        await queue(http, dkernel, doc_id, cells)
         # Run All: every queued cell shows [*] (JupyterLab 4.6 reads execution_state).
         await until(lambda: all(nb.state(c) == "running" for c in cells), what="all [*]")
         await until(lambda: all(nb.is_done(c) for c in cells), what="all done")
@@ -140,11 +130,8 @@ async def test_outputs_land_in_the_document_and_file_after_the_room_was_left(
     n = 12  # about 6 s: many times the room's cleanup delay
     cells = {"long": PRINTER.format(n=n), "after": "print('after')"}
     path = write_notebook(dserver.root, "durable.ipynb", cells)
-    doc_id = shared(dserver, path)
-    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
-        nb = await opened(doc, len(cells))
-        for cell_id in cells:
-            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+    async with notebook_room(dserver, path, len(cells)) as (doc_id, doc, nb, http):
+        await queue(http, dkernel, doc_id, cells)
         await until(lambda: nb.outputs("long"), what="the first line")
     # Every page left: fps-yjs would close the room after CLEANUP_DELAY, but cells run in it.
     expected = "".join(f"line {i}\n" for i in range(n))
@@ -179,11 +166,8 @@ async def test_a_cell_deleted_while_it_runs_is_logged_once(
 ) -> None:
     cells = {"doomed": PRINTER.format(n=4), "kept": "print('kept')"}
     path = write_notebook(dserver.root, "deleted.ipynb", cells)
-    doc_id = shared(dserver, path)
-    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
-        nb = await opened(doc, len(cells))
-        for cell_id in cells:
-            assert (await execute(http, dkernel, doc_id, cell_id)).status_code == 202
+    async with notebook_room(dserver, path, len(cells)) as (doc_id, doc, nb, http):
+        await queue(http, dkernel, doc_id, cells)
         await until(lambda: nb.outputs("doomed"), what="the cell running")
         del nb.cells[0]
         await until(lambda: nb.is_done("kept"), what="the next cell ran")
@@ -220,13 +204,21 @@ async def poll(http: httpx.AsyncClient, url: str, timeout: float = 30) -> httpx.
     return latest[-1]
 
 
+async def queued(
+    http: httpx.AsyncClient, kernel_id: str, code: str, **metadata: Any
+) -> tuple[httpx.Response, str]:
+    """`code` posted as a jupyter-server-nbmodel request, accepted (202): the response, and
+    the URL of the request's result."""
+    response = await post_code(http, kernel_id, code, **metadata)
+    assert response.status_code == 202, response.text
+    return response, response.headers["Location"]
+
+
 async def test_nbmodel_request_result_is_handed_out_once(
     dserver: JupyverseServer, dkernel: str
 ) -> None:
     async with http_client(dserver) as http:
-        response = await post_code(http, dkernel, "print('hello')\n6 * 7")
-        assert response.status_code == 202, response.text
-        url = response.headers["Location"]
+        response, url = await queued(http, dkernel, "print('hello')\n6 * 7")
         assert re.fullmatch(rf"/api/kernels/{dkernel}/requests/[0-9a-f-]{{36}}", url)
         assert response.headers["Access-Control-Expose-Headers"] == "Location"
         body = response.json()
@@ -264,9 +256,7 @@ async def test_nbmodel_input_in_a_kernels_first_request(
     dserver: JupyverseServer, dkernel: str
 ) -> None:
     async with http_client(dserver) as http:
-        response = await post_code(http, dkernel, "answer = input('Age:')\nanswer")
-        assert response.status_code == 202, response.text
-        url = response.headers["Location"]
+        _response, url = await queued(http, dkernel, "answer = input('Age:')\nanswer")
         waiting = await poll(http, url)
         assert waiting.status_code == 300, waiting.text
         assert waiting.headers["Location"] == f"/api/kernels/{dkernel}/input"
@@ -290,12 +280,10 @@ async def test_nbmodel_stop_on_error_and_streaming_into_the_cell(
 ) -> None:
     cells = {"fails": "1 / 0", "skipped": "print('never')"}
     path = write_notebook(dserver.root, "nbmodel.ipynb", cells)
-    doc_id = shared(dserver, path)
-    async with room(dserver, doc_id) as doc, http_client(dserver) as http:
-        nb = await opened(doc, len(cells))
+    async with notebook_room(dserver, path, len(cells)) as (doc_id, doc, nb, http):
         urls = []
         for cell_id, code in cells.items():
-            response = await post_code(
+            _response, url = await queued(
                 http,
                 dkernel,
                 code,
@@ -304,8 +292,7 @@ async def test_nbmodel_stop_on_error_and_streaming_into_the_cell(
                 document_path=path,
                 record_timing=False,
             )
-            assert response.status_code == 202, response.text
-            urls.append(response.headers["Location"])
+            urls.append(url)
         failed = await poll(http, urls[0])
         assert failed.status_code == 200 and failed.json()["status"] == "error"
         assert json.loads(failed.json()["outputs"])[0]["ename"] == "ZeroDivisionError"
@@ -333,6 +320,15 @@ def index_caught_up(server: JupyverseServer, path: str) -> bool:
     return row is not None and row[0] == (server.root / path).stat().st_mtime
 
 
+async def index_settled(server: JupyverseServer) -> None:
+    """Return once fps-contents' file-id index has handled every file event until now: a
+    marker file renamed now is followed (events come in order) and the index is alive."""
+    marker = write_notebook(server.root, f"marker-{time.monotonic_ns()}.ipynb", {"m": ""})
+    file_id = shared(server, marker).split(":", 2)[2]
+    (server.root / marker).rename(server.root / f"moved-{marker}")
+    await until(lambda: indexed_path(server, file_id) == f"moved-{marker}", what="the index")
+
+
 @pytest.fixture
 def rserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
     """A server of its own: once fps-contents' file-id watcher has stopped (see below), it
@@ -341,9 +337,7 @@ def rserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServe
     # There before the server: indexed at its start, so that no event of its creation comes
     # in one batch with the changes a test makes to it.
     write_notebook(srv.root, "old.ipynb", {"a": "1"})
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 async def test_a_notebook_renamed_while_a_cell_runs_is_saved_under_its_new_name(
@@ -376,6 +370,8 @@ async def test_a_notebook_renamed_while_a_cell_runs_is_saved_under_its_new_name(
             what="the first line saved",
         )
         await until(lambda: index_caught_up(rserver, "before.ipynb"), what="the index")
+        # The save's last events too (a write may come in two batches of events).
+        await index_settled(rserver)
         response = await http.patch("/api/contents/before.ipynb", json={"path": "after.ipynb"})
         assert response.status_code == 200, response.text
         await until(lambda: indexed_path(rserver, file_id) == "after.ipynb", what="the rename")
@@ -431,14 +427,13 @@ async def test_a_stopped_file_index_is_told_once(rserver: JupyverseServer) -> No
     # fps-contents 0.6.4's file-id task ends on a file changed, then renamed, in one batch of
     # events (README, "Renaming a notebook while fps-yjs saves it"); the plugin looks at it
     # each time it joins a room for a server-side cell.
+    await index_settled(rserver)  # its watcher runs: it starts after the server answers
     doomed = rserver.root / "old.ipynb"
     doomed.write_text(doomed.read_text() + " ")
     doomed.rename(rserver.root / "moved.ipynb")
     warning = "file-id index stopped following file changes"
     name = write_notebook(rserver.root, "cells.ipynb", {"c": "print('ran')"})
-    doc_id = shared(rserver, name)
-    async with room(rserver, doc_id) as doc, http_client(rserver) as http:
-        nb = await opened(doc, 1)
+    async with notebook_room(rserver, name, 1) as (doc_id, doc, nb, http):
         response = await http.post("/api/kernels", json={"name": "python3"})
         assert response.status_code == 201, response.text
         kernel_id = response.json()["id"]
