@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from workloads import Measure, Way
+from workloads import Measure, MeasureWays, Way
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,13 @@ class Metric:
 class Workload:
     key: str
     title: str
-    measure: Measure
+    measure: Measure | MeasureWays
     ways: tuple[Way, ...]
     metrics: tuple[Metric, ...]
     timeout: float
+    #: `measure` is a MeasureWays: every way measured in one go, interleaved; its ratios are
+    #: the median of the per-round ratios (the ways of one round ran side by side)
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,18 @@ class Results:
     memory: dict[str, float] = field(default_factory=dict)
     memory_error: str = ""
 
-    def add(self, workload: Workload, way: Way, metrics: dict[str, float]) -> None:
-        self.samples[(workload.key, way.name)].append(metrics)
+    def add(self, workload: Workload, way: Way, metrics: dict[str, float], round_no: int) -> None:
+        self.samples[(workload.key, way.name)].append({**metrics, "round": round_no})
 
     def values(self, workload: Workload, way: Way, metric: Metric) -> list[float]:
         return [s[metric.key] for s in self.samples[(workload.key, way.name)] if metric.key in s]
+
+    def by_round(self, workload: Workload, way: Way, metric: Metric) -> dict[float, float]:
+        return {
+            s["round"]: s[metric.key]
+            for s in self.samples[(workload.key, way.name)]
+            if metric.key in s
+        }
 
     def failed(self, workload: Workload, way: Way) -> list[Failure]:
         return [f for f in self.failures if f.workload == workload.key and f.way == way.name]
@@ -87,11 +97,36 @@ def target_text(ratio: float | None, metric: Metric) -> str:
 def _ratio(
     results: Results, workload: Workload, metric: Metric, way: Way, base: Way, median: float
 ) -> float | None:
-    """median / the median of `base`, for a way other than `base` (None if not measured)."""
+    """median / the median of `base`, for a way other than `base` (None if not measured);
+    for an interleaved workload, the median of the per-round ratios."""
     values = results.values(workload, base, metric)
     if way == base or not metric.ratio or not values:
         return None
+    if workload.interleaved:
+        ratios = round_ratios(results, workload, metric, way, base)
+        return statistics.median(ratios) if ratios else None
     return median / statistics.median(values)
+
+
+def round_ratios(
+    results: Results, workload: Workload, metric: Metric, way: Way, base: Way
+) -> list[float]:
+    """way/base of every round both were measured in."""
+    ours = results.by_round(workload, way, metric)
+    theirs = results.by_round(workload, base, metric)
+    return [ours[r] / theirs[r] for r in sorted(ours) if r in theirs and theirs[r]]
+
+
+def _ratio_cell(
+    results: Results, workload: Workload, metric: Metric, way: Way, base: Way, ratio: float | None
+) -> str:
+    if ratio is None:
+        return ""
+    text = ratio_text(ratio, metric, "raw" if base.kind == "raw" else "direct")
+    if workload.interleaved:
+        ratios = round_ratios(results, workload, metric, way, base)
+        text += f" (rounds {min(ratios):.2f}–{max(ratios):.2f})"
+    return text
 
 
 def _row(
@@ -106,9 +141,9 @@ def _row(
     median = statistics.median(values)
     cells += [fmt(median), fmt(min(values)), fmt(max(values))]
     ratio = _ratio(results, workload, metric, way, direct, median)
-    cells.append(ratio_text(ratio, metric) if ratio is not None else "")
+    cells.append(_ratio_cell(results, workload, metric, way, direct, ratio))
     vs_raw = _ratio(results, workload, metric, way, raw, median)
-    cells.append(ratio_text(vs_raw, metric, "raw") if vs_raw is not None else "")
+    cells.append(_ratio_cell(results, workload, metric, way, raw, vs_raw))
     cells.append(target_text(ratio, metric) if way.kind == "ws" else "")
     if failures:
         cells[-1] += f" ({len(failures)} round(s) failed)"

@@ -21,6 +21,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 import httpx
 from clients import WsConn
@@ -32,9 +33,12 @@ from workloads import (
     BASIC_WAYS,
     DIRECT,
     RAW_ZMQ,
+    WS_FLOOR,
     WS_V1_DEFLATE,
     Bench,
     CheckFailed,
+    Measure,
+    MeasureWays,
     Sizes,
     Way,
     concurrent_starts,
@@ -59,9 +63,10 @@ def workloads() -> list[Workload]:
             "a",
             "execute round trip",
             roundtrip,
-            ALL_WAYS,
+            (*ALL_WAYS, WS_FLOOR),
             (Metric("rtt_ms", "median round trip (ms)", False, target=1.10),),
-            timeout=120,
+            timeout=600,
+            interleaved=True,
         ),
         Workload(
             "b",
@@ -165,8 +170,9 @@ async def measure_once(
 ) -> Failure | None:
     """One measurement; a failure is recorded, printed, and what it left behind cleaned up."""
     label = f"  [{workload.key}] round {round_no} {way.name:<18}"
+    measure = cast(Measure, workload.measure)
     try:
-        metrics = await asyncio.wait_for(workload.measure(bench, way), workload.timeout)
+        metrics = await asyncio.wait_for(measure(bench, way), workload.timeout)
     except CheckFailed as error:
         failure = Failure(workload.key, way.name, round_no, str(error), correctness=True)
         print(f"{label} !!! CHECK FAILED: {error}", flush=True)
@@ -177,7 +183,7 @@ async def measure_once(
         failure = Failure(workload.key, way.name, round_no, reason, False, timed_out)
         print(f"{label} !!! failed: {reason}", flush=True)
     else:
-        results.add(workload, way, metrics)
+        results.add(workload, way, metrics, round_no)
         print(f"{label} {show(metrics)}", flush=True)
         return None
     results.failures.append(failure)
@@ -193,8 +199,38 @@ async def cleanup_after_failure(bench: Bench) -> None:
         print(f"  (cleanup after the failure went wrong: {describe(error, 60)})", flush=True)
 
 
+async def measure_round(
+    bench: Bench, results: Results, workload: Workload, round_no: int
+) -> Failure | None:
+    """One round of an interleaved workload: every way at once."""
+    label = f"  [{workload.key}] round {round_no}"
+    measure = cast(MeasureWays, workload.measure)
+    try:
+        by_way = await asyncio.wait_for(measure(bench, workload.ways), workload.timeout)
+    except Exception as error:  # this round's failure, for every way; the next round runs
+        reason = describe(error, workload.timeout)
+        timed_out = isinstance(error, asyncio.TimeoutError)
+        for way in workload.ways:
+            results.failures.append(
+                Failure(workload.key, way.name, round_no, reason, False, timed_out)
+            )
+        print(f"{label} !!! failed: {reason}", flush=True)
+        await cleanup_after_failure(bench)
+        return results.failures[-1]
+    for way in workload.ways:
+        results.add(workload, way, by_way[way.name], round_no)
+        print(f"{label} {way.name:<18} {show(by_way[way.name])}", flush=True)
+    return None
+
+
 async def run_workload(bench: Bench, results: Results, workload: Workload, rounds: int) -> None:
     print(f"\n{workload.key}. {workload.title}", flush=True)
+    if workload.interleaved:
+        for round_no in range(1, rounds + 1):
+            failure = await measure_round(bench, results, workload, round_no)
+            if failure is not None and failure.timed_out:
+                return
+        return
     timed_out: set[str] = set()
     for round_no in range(1, rounds + 1):
         for way in workload.ways:
@@ -389,6 +425,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 try:
                     await run_all(bench, results, chosen, rounds)
                 finally:
+                    bench.stop_floors()
                     await bench.stop_all_direct_kernels()
     finally:
         code = server.stop()

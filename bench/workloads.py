@@ -7,17 +7,19 @@ import hashlib
 import random
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import httpx
 from clients import DirectConn, KernelConn, Msg, RawConn, WsConn, WsProtocol
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
-from serverproc import JupyverseProcess, rss_mib
+from serverproc import JupyverseProcess, free_port, rss_mib
 
 #: Seed of the deterministic, incompressible payloads: the kernel and the bench both build them.
 PAYLOAD_SEED = 20240901
@@ -35,7 +37,7 @@ class BenchError(Exception):
 @dataclass(frozen=True)
 class Way:
     name: str
-    kind: Literal["direct", "raw", "ws"]
+    kind: Literal["direct", "raw", "ws", "floor"]
     protocol: WsProtocol = "v1"
     deflate: bool = False
 
@@ -48,6 +50,9 @@ WS_V1_DEFLATE = Way("ws-v1+deflate", "ws", "v1", deflate=True)
 WS_LEGACY_DEFLATE = Way("ws-legacy+deflate", "ws", "legacy", deflate=True)
 BASIC_WAYS = (DIRECT, WS_V1, WS_LEGACY)
 ALL_WAYS = (DIRECT, RAW_ZMQ, WS_V1, WS_LEGACY, WS_V1_DEFLATE, WS_LEGACY_DEFLATE)
+#: bench/floor_bridge.py: the least a bridge does on this stack (workload a only)
+WS_FLOOR = Way("ws-floor", "floor", "v1")
+FLOOR_BRIDGE = Path(__file__).with_name("floor_bridge.py")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,18 @@ class Bench:
     kernel_log: IO[bytes] | None = None
     transfer_payload: bytes = b""
     transfer_sha: str = ""
+    #: floor bridges running (workload a): stopped by pid when their round ends, or at exit
+    floors: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def stop_floors(self) -> None:
+        for process in self.floors:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self.floors.clear()
 
     # --- kernels ---------------------------------------------------------------------------
 
@@ -270,19 +287,116 @@ def check_lines(text: str, count: int, who: str = "") -> None:
 # --- a. execute round trip ---------------------------------------------------------------
 
 
-async def roundtrip(bench: Bench, way: Way) -> dict[str, float]:
-    conn = await bench.connect(way)
+async def roundtrip(bench: Bench, ways: tuple[Way, ...]) -> dict[str, dict[str, float]]:
+    """One round of every way at once: fresh kernels, then `executes` iterations that each
+    time one round trip per way, the ways in turn (a drift of the machine's speed hits every
+    way alike); each way's median, in ms.
+
+    Fresh kernels every round: two kernels started alike run `pass` at speeds a few per cent
+    apart for their whole life (measured: 4-7 %), which a comparison within 5 % cannot keep.
+    """
+    started = await asyncio.gather(
+        *(_fresh_kernel(bench, way) for way in ways), return_exceptions=True
+    )
+    kernels = [k for k in started if isinstance(k, _Fresh)]
+    conns: list[KernelConn] = []
     try:
+        for error in started:
+            if isinstance(error, BaseException):
+                raise error
+        for way, kernel in zip(ways, kernels, strict=True):
+            conns.append(await _connect_fresh(bench, way, kernel))
         for _ in range(10):  # warm the paths up; not measured
-            await run_cell(conn, "pass")
-        times = []
-        for _ in range(bench.sizes.executes):
-            start = time.perf_counter()
-            await run_cell(conn, "pass")
-            times.append(time.perf_counter() - start)
+            for conn in conns:
+                await run_cell(conn, "pass")
+        times: list[list[float]] = [[] for _ in ways]
+        for i in range(bench.sizes.executes):
+            for k in range(len(ways)):
+                index = (i + k) % len(ways)
+                start = time.perf_counter()
+                await run_cell(conns[index], "pass")
+                times[index].append(time.perf_counter() - start)
     finally:
+        for conn in conns:
+            await conn.close()
+        await asyncio.gather(*(_drop_kernel(bench, kernel) for kernel in kernels))
+    return {
+        way.name: {"rtt_ms": statistics.median(t) * 1000}
+        for way, t in zip(ways, times, strict=True)
+    }
+
+
+@dataclass
+class _Fresh:
+    """A kernel of one round: on the server (`kernel_id`), or direct (`km`), then maybe
+    behind the floor bridge (`floor`, on `port`)."""
+
+    kernel_id: str = ""
+    km: AsyncKernelManager | None = None
+    floor: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+
+async def _fresh_kernel(bench: Bench, way: Way) -> _Fresh:
+    if way.kind == "ws":
+        return _Fresh(kernel_id=await bench.post_kernel())
+    fresh = _Fresh(km=await bench.start_direct_kernel())
+    if way.kind == "floor":
+        assert fresh.km is not None
+        fresh.port = free_port()
+        command = [sys.executable, str(FLOOR_BRIDGE), str(fresh.port), fresh.km.connection_file]
+        out = bench.kernel_log or subprocess.DEVNULL
+        fresh.floor = subprocess.Popen(command, stdout=out, stderr=out)
+        bench.floors.append(fresh.floor)
+    return fresh
+
+
+async def _connect_fresh(bench: Bench, way: Way, fresh: _Fresh) -> KernelConn:
+    conn: KernelConn
+    if fresh.kernel_id:
+        conn = await WsConn.open(bench.server.ws_url, fresh.kernel_id, way.protocol, way.deflate)
+    elif fresh.floor is not None:
+        conn = await _floor_conn(fresh)
+    elif way.kind == "raw":
+        assert fresh.km is not None
+        conn = RawConn(fresh.km.get_connection_info(session=False))
+    else:
+        assert fresh.km is not None
+        conn = bench.direct_client(fresh.km)
+    try:
+        await ensure_iopub(conn)
+    except BaseException:
         await conn.close()
-    return {"rtt_ms": statistics.median(times) * 1000}
+        raise
+    return conn
+
+
+async def _floor_conn(fresh: _Fresh) -> KernelConn:
+    """A v1 client of the floor bridge, once it listens (it starts in about a second)."""
+    assert fresh.floor is not None
+    for _ in range(300):
+        if fresh.floor.poll() is not None:
+            raise BenchError(f"the floor bridge exited ({fresh.floor.returncode})")
+        try:
+            return await WsConn.open(f"ws://127.0.0.1:{fresh.port}", "floor", "v1", False)
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise BenchError("the floor bridge did not listen within 30 s")
+
+
+async def _drop_kernel(bench: Bench, fresh: _Fresh) -> None:
+    if fresh.floor is not None:
+        fresh.floor.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(fresh.floor.wait), 10)
+        except asyncio.TimeoutError:
+            fresh.floor.kill()
+            await asyncio.to_thread(fresh.floor.wait, 10)
+        bench.floors.remove(fresh.floor)
+    if fresh.kernel_id:
+        await bench.delete_kernel(fresh.kernel_id)
+    elif fresh.km is not None:
+        await bench.stop_direct_kernel(fresh.km)
 
 
 # --- b. output flood ---------------------------------------------------------------------
@@ -540,3 +654,5 @@ async def server_memory(bench: Bench, kernels: int) -> dict[str, float]:
 
 
 Measure = Callable[[Bench, Way], Awaitable[dict[str, float]]]
+#: Measures every way in one go (interleaved): the metrics of each way, by its name.
+MeasureWays = Callable[[Bench, tuple[Way, ...]], Awaitable[dict[str, dict[str, float]]]]

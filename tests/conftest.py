@@ -9,15 +9,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import pytest
 import yaml
 
+from .support.processes import processes_with
+
 TESTS = Path(__file__).parent
+
+# A kernelspec whose command does not exist: its kernels fail to start.
+BAD_ARGV = {"argv": ["/nonexistent/kernel", "{connection_file}"], "display_name": "Bad argv"}
 
 
 def free_port() -> int:
@@ -28,19 +34,7 @@ def free_port() -> int:
 
 def kernel_processes(runtime_dir: Path) -> list[int]:
     """Pids of the ipykernel processes whose connection file is in `runtime_dir`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"ipykernel_launcher" in part for part in cmdline) and any(
-            str(runtime_dir).encode() in part for part in cmdline
-        ):
-            pids.append(int(proc.name))
-    return pids
+    return processes_with(b"ipykernel_launcher", str(runtime_dir).encode())
 
 
 def kernel_pid(runtime_dir: Path, kernel_id: str) -> int:
@@ -49,6 +43,48 @@ def kernel_pid(runtime_dir: Path, kernel_id: str) -> int:
         if kernel_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
             return pid
     raise AssertionError(f"no process for kernel {kernel_id}")
+
+
+class Service(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=Service)
+
+
+@contextmanager
+def running(*services: S) -> Iterator[tuple[S, ...]]:
+    """`services` started in order, and stopped, the last first, whatever happens."""
+    with ExitStack() as stack:
+        for service in services:
+            stack.callback(service.stop)
+            service.start()
+        yield services
+
+
+def serving(service: S) -> Iterator[S]:
+    """A fixture's body for a server (or gateway): started, yielded, stopped."""
+    with running(service):
+        yield service
+
+
+@asynccontextmanager
+async def started(srv: JupyverseServer) -> AsyncIterator[httpx.AsyncClient]:
+    """`srv` started, and an HTTP client of it for the time of the block; stopped after."""
+    with running(srv):
+        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
+            yield http
+
+
+def new_kernel(client: httpx.Client, name: str = "python3") -> Iterator[str]:
+    """A fixture's body for a fresh kernel: started, its id yielded, shut down after."""
+    response = client.post("/api/kernels", json={"name": name})
+    assert response.status_code == 201, response.text
+    kernel_id = response.json()["id"]
+    yield kernel_id
+    client.delete(f"/api/kernels/{kernel_id}")
 
 
 def write_kernelspec(share: Path, name: str, spec: dict[str, Any]) -> Path:
@@ -205,14 +241,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer
             "language": "python",
         },
     )
-    write_kernelspec(
-        srv.share,
-        "nosuchbinary",
-        {"argv": ["/nonexistent/kernel", "{connection_file}"], "display_name": "Bad argv"},
-    )
-    srv.start()
-    yield srv
-    srv.stop()
+    write_kernelspec(srv.share, "nosuchbinary", BAD_ARGV)
+    yield from serving(srv)
 
 
 @pytest.fixture
@@ -229,8 +259,4 @@ def anyio_backend() -> str:
 @pytest.fixture
 def kernel(client: httpx.Client) -> Iterator[str]:
     """A fresh python3 kernel, shut down after the test."""
-    response = client.post("/api/kernels", json={"name": "python3"})
-    assert response.status_code == 201, response.text
-    kernel_id = response.json()["id"]
-    yield kernel_id
-    client.delete(f"/api/kernels/{kernel_id}")
+    yield from new_kernel(client)

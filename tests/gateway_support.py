@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from .conftest import free_port
+from .support.processes import processes_with
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -102,18 +103,7 @@ class KernelGateway:
 
     def kernel_pids(self) -> list[int]:
         """The kernels this gateway started that are still running."""
-        pids = []
-        marker = str(self.runtime_dir).encode()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"ipykernel_launcher" in cmdline and marker in cmdline:
-                pids.append(int(proc.name))
-        return pids
+        return processes_with(b"ipykernel_launcher", str(self.runtime_dir).encode())
 
     def read_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -135,12 +125,11 @@ class KernelGateway:
         return {"url": self.url, "auth_token": self.token, **options}
 
 
-class TcpProxy:
-    """A TCP relay to 127.0.0.1:`target_port`, in a thread of its own, whose connections the
-    test can cut (a network failure between jupyverse and the gateway)."""
+class _Listener:
+    """A TCP listener on a free 127.0.0.1 port, in a thread of its own with its own event
+    loop; subclasses say what it does with each connection (`_serve`)."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+    def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -157,17 +146,11 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
-    def cut(self, down_for: float) -> None:
-        """Drop every connection, and refuse new ones for `down_for` seconds."""
-        self._call(self._close())
-        time.sleep(down_for)
-        self._call(self._listen())
-
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -177,7 +160,25 @@ class TcpProxy:
             writer.transport.abort()
         self._writers.clear()
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class TcpProxy(_Listener):
+    """A TCP relay to 127.0.0.1:`target_port`, in a thread of its own, whose connections the
+    test can cut (a network failure between jupyverse and the gateway)."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__()
+        self.target_port = target_port
+
+    def cut(self, down_for: float) -> None:
+        """Drop every connection, and refuse new ones for `down_for` seconds."""
+        self._call(self._close())
+        time.sleep(down_for)
+        self._call(self._listen())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -199,38 +200,15 @@ class TcpProxy:
         self._writers.difference_update((writer, up_writer))
 
 
-class HungGateway:
+class HungGateway(_Listener):
     """A TCP listener, in a thread of its own, that accepts connections and never answers
     (what a gateway stuck in a blocking call looks like)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
         self.accepted = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._hold, "127.0.0.1", self.port)
-
-    async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self._writers.add(writer)
         try:

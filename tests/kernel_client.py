@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import struct
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -53,11 +56,15 @@ def make_msg(
 
 
 def encode_v1(msg: dict[str, Any], buffers: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
-    pieces = (
+    return pack_v1(
         [msg["channel"].encode()]
         + [json.dumps(msg[k]).encode() for k in ("header", "parent_header", "metadata", "content")]
         + list(buffers)
     )
+
+
+def pack_v1(pieces: list[bytes]) -> bytes:
+    """A v1 frame of its pieces (channel, header, parent_header, metadata, content, buffers)."""
     count = len(pieces) + 1
     offsets = [8 * (count + 1)]
     for piece in pieces:
@@ -169,6 +176,16 @@ class KernelClient:
                 if predicate(msg):
                     return got
 
+    async def until_closed(self, timeout: float = 30) -> tuple[list[Msg], int | None]:
+        """Receive until the server closes the connection: all received meanwhile, and the
+        close code it sent (None without a close frame). A message late by `timeout` fails."""
+        got: list[Msg] = []
+        try:
+            while True:
+                got.append(await self.receive(timeout))
+        except ConnectionClosed as closed:
+            return got, closed.rcvd.code if closed.rcvd is not None else None
+
     async def until_idle(self, parent_id: str, timeout: float = 30) -> list[Msg]:
         return await self.until(
             lambda m: (
@@ -192,3 +209,22 @@ class KernelClient:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+@asynccontextmanager
+async def connected(
+    ws_url: str, kernel_id: str, *args: Any, **kwargs: Any
+) -> AsyncIterator[KernelClient]:
+    """A client of the kernel's channels (KernelClient.connect's arguments), closed after."""
+    client = await KernelClient.connect(ws_url, kernel_id, *args, **kwargs)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def run_once(ws_url: str, kernel_id: str, code: str, timeout: float = 30) -> str:
+    """Connects, executes `code` and disconnects: the stdout of the run."""
+    async with connected(ws_url, kernel_id) as client:
+        _msgs, stdout = await client.run(code, timeout)
+    return stdout

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from fps_kernels.kernel_server.server import KernelServer, ServerSettings
 from fps_kernels.persist.liveness import AdoptedProcess
 from fps_kernels.persist.logs import kernel_log_path
 from fps_kernels.persist.record import KernelRecord, RunningCell
+
+from .support.processes import alive, kill_group, until
 
 pytestmark = pytest.mark.anyio
 
@@ -48,30 +49,6 @@ with open({progress!r}, "w") as progress:
         progress.write(f"{{i}}\\n"); progress.flush()
         time.sleep(0.2)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = EVENT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def kill_group(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class FakeSocket:
@@ -231,7 +208,65 @@ async def launch(
     pids.append(identity[0])
     await asyncio.wait_for(server.wait_accepting(), KERNEL_START)
     assert server.readiness.answered, server.activity.reason
+    if settings.persist_keeper:
+        await until(lambda: bool(server.keeper_socket), "the keeper")
     return server
+
+
+async def let_go(
+    server: KernelServer, servers: list[KernelServer], running: tuple[Any, ...] = ()
+) -> KernelRecord:
+    """The server recorded and let go, as at a restart: what the next server takes back."""
+    record = record_of(server, running)
+    servers.remove(server)
+    await server.let_go()
+    return record
+
+
+def printed(progress: Path) -> int:
+    """The last number a PRINTER cell wrote to `progress` (-1 before the first)."""
+    lines = progress.read_text().split() if progress.exists() else []
+    return int(lines[-1]) if lines else -1
+
+
+async def printing_kernel(
+    spec: KernelSpec,
+    settings: ServerSettings,
+    pids: list[int],
+    servers: list[KernelServer],
+    progress: Path,
+    count: int,
+) -> tuple[KernelServer, Client, str]:
+    """A kernel launched with `settings`, and its client "c1" running a PRINTER cell of
+    `count` lines, once its first lines came: the server, the client, the cell's msg_id."""
+    server = await launch(spec, settings, pids, servers)
+    client = connect(server, "c1")
+    msg_id = client.socket.execute(PRINTER.format(progress=str(progress), count=count))
+    await until(lambda: "3\n" in client.socket.stdout(msg_id), "the cell's first lines")
+    return server, client, msg_id
+
+
+def numbers(msg_id: str, *clients: Client) -> list[int]:
+    """The numbers a PRINTER cell printed, as `clients` got them, one after the other."""
+    return [int(n) for n in "".join(c.socket.stdout(msg_id) for c in clients).split()]
+
+
+async def restarted(
+    server: KernelServer,
+    servers: list[KernelServer],
+    spec: KernelSpec,
+    settings: ServerSettings,
+    msg_id: str,
+    progress: Path,
+    lines: int,
+) -> tuple[KernelServer, float]:
+    """A restart while the PRINTER cell `msg_id` runs: the server lets go, the kernel prints
+    `lines` more lines while no server listens, and a new server with `settings` takes it
+    back: the new server, and how long its take_back took."""
+    record = await let_go(server, servers, running=(RunningCell(msg_id, "doc", "cell"),))
+    mark = printed(progress)
+    await until(lambda: printed(progress) >= mark + lines, "lines printed while no server listens")
+    return await take_back(record, spec, settings, servers)
 
 
 async def take_back(
@@ -300,9 +335,7 @@ async def test_let_go_leaves_the_kernel_and_take_back_serves_it_again(
     server = await launch(spec, PERSIST, pids, servers)
     client = connect(server, "c1")
     assert (await run(client, "x = 42"))[1] == "ok"
-    record = record_of(server)
-    servers.remove(server)
-    await server.let_go()
+    record = await let_go(server, servers)
     assert client.socket.close_code == CloseCode.GOING_AWAY
     assert alive(record.pid)
     assert Path(record.connection_file).exists()
@@ -371,10 +404,6 @@ async def test_the_kernel_outlives_a_killed_server(
     count = 40
     code = PRINTER.format(progress=str(progress), count=count)
 
-    def printed() -> int:
-        lines = progress.read_text().split() if progress.exists() else []
-        return int(lines[-1]) if lines else -1
-
     helper = subprocess.Popen(
         [sys.executable, "-c", HELPER, str(Path(spec.resource_dir)), keeper, code],
         stdout=subprocess.PIPE,
@@ -385,11 +414,11 @@ async def test_the_kernel_outlives_a_killed_server(
         line = await asyncio.wait_for(asyncio.to_thread(helper.stdout.readline), KERNEL_START)
         info = json.loads(line)
         pids.append(info["pid"])
-        await until(lambda: printed() >= 3, "the cell's first lines")
+        await until(lambda: printed(progress) >= 3, "the cell's first lines")
         helper.kill()
         await asyncio.to_thread(helper.wait, EVENT)
         # What the kernel prints from now on, no server gets live.
-        killed_at = printed()
+        killed_at = printed(progress)
     finally:
         if helper.poll() is None:
             helper.kill()
@@ -405,7 +434,9 @@ async def test_the_kernel_outlives_a_killed_server(
         keeper_socket=info["keeper_socket"],
         clients=("c2",),
     )
-    await until(lambda: printed() >= killed_at + 10, "lines printed while no server listens")
+    await until(
+        lambda: printed(progress) >= killed_at + 10, "lines printed while no server listens"
+    )
     settings = KEEPER if keeper == "keeper" else PERSIST
     server, took = await take_back(record, spec, settings, servers)
     assert took < 5, took
@@ -414,7 +445,7 @@ async def test_the_kernel_outlives_a_killed_server(
         assert server.keeper_socket == info["keeper_socket"]
     client = connect(server, "c2")
     await until(lambda: client.socket.idle(info["printer"]), "the end of the cell", 60)
-    got = {int(n) for n in client.socket.stdout(info["printer"]).split()}
+    got = set(numbers(info["printer"], client))
     lost = len(set(range(killed_at + 1, count)) - got)
     print(f"\nSIGKILL, {keeper}: {lost} line(s) lost of {count - killed_at - 1} printed after it")
     if keeper == "keeper":
@@ -440,30 +471,15 @@ async def test_a_busy_kernel_is_taken_back_at_once_and_its_cell_goes_on(
     servers: list[KernelServer],
     tmp_path: Path,
 ) -> None:
-    server = await launch(spec, settings, pids, servers)
-    if settings.persist_keeper:
-        await until(lambda: bool(server.keeper_socket), "the keeper")
-    client = connect(server, "c1")
     progress = tmp_path / "progress"
     count = 50
-    msg_id = client.socket.execute(PRINTER.format(progress=str(progress), count=count))
-    await until(lambda: "3\n" in client.socket.stdout(msg_id), "the cell's first lines")
-    record = record_of(server, running=(RunningCell(msg_id, "doc", "cell"),))
-    servers.remove(server)
-    await server.let_go()
-
-    def printed() -> int:
-        lines = progress.read_text().split()
-        return int(lines[-1]) if lines else -1
-
+    server, client, msg_id = await printing_kernel(spec, settings, pids, servers, progress, count)
     # The restart window: the kernel prints on while no server listens.
-    mark = printed()
-    await until(lambda: printed() >= mark + 10, "lines printed while no server listens")
-    again, took = await take_back(record, spec, settings, servers)
+    again, took = await restarted(server, servers, spec, settings, msg_id, progress, 10)
     assert took < 5, f"take_back of a busy kernel took {took:.2f} s"
     assert again.readiness.answered
     assert again.execution_state == "busy"
-    assert printed() < count - 1, "the cell ended before the take-back: nothing tested"
+    assert printed(progress) < count - 1, "the cell ended before the take-back: nothing tested"
     followed: list[Any] = []
     assert again.follow_cell(msg_id, lambda channel, message: followed.append(message))
     assert not again.follow_cell("not-running", lambda channel, message: None)
@@ -473,7 +489,7 @@ async def test_a_busy_kernel_is_taken_back_at_once_and_its_cell_goes_on(
         "the rest of the cell and its reply",
         60,
     )
-    got = [int(n) for n in (client.socket.stdout(msg_id) + back.socket.stdout(msg_id)).split()]
+    got = numbers(msg_id, client, back)
     lost = count - len(set(got))
     duplicated = len(got) - len(set(got))
     print(f"\n{'with' if settings.persist_keeper else 'without'} keeper: take_back {took:.3f} s,")
@@ -498,7 +514,6 @@ async def test_the_keeper_ends_with_its_kernel(
     runtime: Path, spec: KernelSpec, pids: list[int], servers: list[KernelServer]
 ) -> None:
     server = await launch(spec, KEEPER, pids, servers)
-    await until(lambda: bool(server.keeper_socket), "the keeper")
     socket = Path(server.keeper_socket)
     assert stat.S_ISSOCK(socket.stat().st_mode)
     assert stat.S_IMODE(socket.stat().st_mode) == 0o600
@@ -522,12 +537,9 @@ async def test_a_gone_keeper_is_replaced_at_take_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = await launch(spec, KEEPER, pids, servers)
-    await until(lambda: bool(server.keeper_socket), "the keeper")
     client = connect(server, "c1")
     assert (await run(client, "x = 7"))[1] == "ok"
-    record = record_of(server)
-    servers.remove(server)
-    await server.let_go()
+    record = await let_go(server, servers)
     socket = Path(record.keeper_socket)
     # The keeper is gone (its socket too) while no server was there.
     from fps_kernels.persist import keeper_client
@@ -551,9 +563,7 @@ async def test_a_taken_back_kernel_that_dies_is_restarted_from_its_spec(
     servers: list[KernelServer],
 ) -> None:
     server = await launch(spec, PERSIST, pids, servers)
-    record = record_of(server)
-    servers.remove(server)
-    await server.let_go()
+    record = await let_go(server, servers)
     process = AdoptedProcess.adopt(
         record.pid, record.pid_start, record.connection_file, kernel_log_path(record.kernel_id)
     )
@@ -586,33 +596,19 @@ async def test_output_queued_for_an_offline_client_at_let_go_is_kept_by_the_keep
     servers: list[KernelServer],
     tmp_path: Path,
 ) -> None:
-    server = await launch(spec, KEEPER, pids, servers)
-    await until(lambda: bool(server.keeper_socket), "the keeper")
-    client = connect(server, "c1")
     progress = tmp_path / "progress"
     count = 40
-    msg_id = client.socket.execute(PRINTER.format(progress=str(progress), count=count))
-    await until(lambda: "3\n" in client.socket.stdout(msg_id), "the cell's first lines")
+    server, client, msg_id = await printing_kernel(spec, KEEPER, pids, servers, progress, count)
     # The client's socket closes before the server lets go (uvicorn closes them first):
     # what comes meanwhile waits in its mailbox, which dies with the server.
     client.socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1012})
     await asyncio.wait_for(client.task, EVENT)
     mailbox = server._bridge.clients["c1"]
     await until(lambda: mailbox.first_unsent_iopub() is not None, "output queued offline")
-    record = record_of(server, running=(RunningCell(msg_id, "doc", "cell"),))
-    servers.remove(server)
-    await server.let_go()
-
-    def printed() -> int:
-        lines = progress.read_text().split()
-        return int(lines[-1]) if lines else -1
-
-    mark = printed()
-    await until(lambda: printed() >= mark + 5, "lines printed while no server listens")
-    again, _ = await take_back(record, spec, KEEPER, servers)
+    again, _ = await restarted(server, servers, spec, KEEPER, msg_id, progress, 5)
     back = connect(again, "c1")
     await until(lambda: back.socket.idle(msg_id), "the end of the cell", 60)
-    got = [int(n) for n in (client.socket.stdout(msg_id) + back.socket.stdout(msg_id)).split()]
+    got = numbers(msg_id, client, back)
     assert sorted(set(got)) == list(range(count)), "lines lost"
     assert len(got) == len(set(got)), "lines given twice"
 
@@ -632,10 +628,8 @@ async def test_an_unrecorded_keeper_is_taken_back_too(
     await keeper_client.start_keeper(
         Path(server.connection_file_path), socket, identity[0], server.zmq_identity
     )
-    record = record_of(server)
+    record = await let_go(server, servers)
     assert record.keeper_socket == ""
-    servers.remove(server)
-    await server.let_go()
     again, _ = await take_back(record, spec, KEEPER, servers)
     assert again.keeper_socket == str(socket)
     back = connect(again, "c1")

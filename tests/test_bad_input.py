@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import JupyverseServer
-from tests.kernel_client import KernelClient, make_msg
+from tests.conftest import JupyverseServer, serving
+from tests.kernel_client import KernelClient, make_msg, pack_v1
 
 pytestmark = pytest.mark.anyio
 
@@ -70,9 +70,7 @@ def test_bad_rest_input_gets_a_4xx_with_a_message(
 @pytest.fixture(scope="module")
 def small_bodies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
     srv = JupyverseServer(tmp_path_factory.mktemp("small"), kernels={"max_body_bytes": 1000})
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 def test_bodies_over_the_limit_get_413(small_bodies: JupyverseServer) -> None:
@@ -101,12 +99,7 @@ def test_bodies_over_the_limit_get_413(small_bodies: JupyverseServer) -> None:
 
 def v1_frame(channel: str, parts: list[bytes]) -> bytes:
     """A v1 frame from raw parts (header, parent_header, metadata, content)."""
-    pieces = [channel.encode(), *parts]
-    count = len(pieces) + 1
-    offsets = [8 * (count + 1)]
-    for piece in pieces:
-        offsets.append(offsets[-1] + len(piece))
-    return struct.pack(f"<{count + 1}Q", count, *offsets) + b"".join(pieces)
+    return pack_v1([channel.encode(), *parts])
 
 
 def legacy_binary(text: str) -> bytes:

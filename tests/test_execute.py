@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,34 +19,32 @@ import nbformat
 import pytest
 from pycrdt import Doc, Map, Text
 
-from .conftest import JupyverseServer
+from .conftest import JupyverseServer, new_kernel, serving
 from .ydoc_client import Notebook, document_id, room, until
 
 pytestmark = pytest.mark.anyio
 
 
+def yjs_server(home: Path, yjs: dict[str, Any] | None = None, **kernels: Any) -> JupyverseServer:
+    """A server (not started) with fps-yjs, saving 0.2 s after a change (`yjs`: more of its
+    options), and the kernels plugin requiring it (`kernels`: more of its options)."""
+    return JupyverseServer(
+        home,
+        kernels={"require_yjs": True, **kernels},
+        yjs=True,
+        extra_components={"yjs": {"type": "yjs", "document_save_delay": 0.2, **(yjs or {})}},
+    )
+
+
 @pytest.fixture(scope="module")
 def yserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseServer]:
-    home = tmp_path_factory.mktemp("jupyverse-yjs")
-    srv = JupyverseServer(
-        home,
-        kernels={"require_yjs": True, "startup_timeout": 30},
-        yjs=True,
-        extra_components={"yjs": {"type": "yjs", "document_save_delay": 0.2}},
-    )
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(yjs_server(tmp_path_factory.mktemp("jupyverse-yjs"), startup_timeout=30))
 
 
 @pytest.fixture
 def ykernel(yserver: JupyverseServer) -> Iterator[str]:
     with yserver.client() as client:
-        response = client.post("/api/kernels", json={"name": "python3"})
-        assert response.status_code == 201, response.text
-        kernel_id = response.json()["id"]
-        yield kernel_id
-        client.delete(f"/api/kernels/{kernel_id}")
+        yield from new_kernel(client)
 
 
 def write_notebook(root: Path, name: str, cells: dict[str, str], markdown: str = "") -> str:
@@ -115,6 +114,26 @@ async def opened(doc: Doc, count: int) -> Notebook:
     return nb
 
 
+@asynccontextmanager
+async def notebook_room(
+    server: JupyverseServer, path: str, count: int
+) -> AsyncIterator[tuple[str, Doc, Notebook, httpx.AsyncClient]]:
+    """The notebook at `path` open in its room as a page opens it, once its `count` cells
+    came: its document id, Y document and cells, and an HTTP client of the server."""
+    doc_id = shared(server, path)
+    async with room(server, doc_id) as doc, http_client(server) as http:
+        yield doc_id, doc, await opened(doc, count), http
+
+
+async def queue(
+    http: httpx.AsyncClient, kernel_id: str, doc_id: str, cell_ids: Iterable[str]
+) -> None:
+    """Asks the kernel to run `cell_ids`, in order, each request accepted (202)."""
+    for cell_id in cell_ids:
+        response = await execute(http, kernel_id, doc_id, cell_id)
+        assert response.status_code == 202, response.text
+
+
 def error_of(output: dict[str, Any]) -> tuple[str, str]:
     assert output["output_type"] == "error", output
     assert isinstance(output["traceback"], list)
@@ -136,9 +155,7 @@ async def test_unknown_kernel_document_or_cell_is_404(
     yserver: JupyverseServer, ykernel: str
 ) -> None:
     path = write_notebook(yserver.root, "bad.ipynb", {"c1": "1"}, markdown="md")
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        await opened(doc, 2)
+    async with notebook_room(yserver, path, 2) as (doc_id, doc, nb, http):
         response = await execute(http, "no-such-kernel", doc_id, "c1")
         assert response.status_code == 404 and "no-such-kernel" in response.json()["message"]
         response = await execute(http, ykernel, "json:notebook:nope", "c1")
@@ -183,9 +200,7 @@ async def test_every_kind_of_output_as_jupyterlab_writes_it(
     yserver: JupyverseServer, ykernel: str
 ) -> None:
     path = write_notebook(yserver.root, "outputs.ipynb", OUTPUT_CELLS)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, len(OUTPUT_CELLS))
+    async with notebook_room(yserver, path, len(OUTPUT_CELLS)) as (doc_id, doc, nb, http):
         got: dict[str, list[Any]] = {}
         for cell_id in OUTPUT_CELLS:
             if cell_id == "empty":
@@ -262,13 +277,9 @@ async def test_run_all_runs_in_order_and_stops_after_an_error(
         "skipped": 'print("never")',
     }
     path = write_notebook(yserver.root, "order.ipynb", cells)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, len(cells))
+    async with notebook_room(yserver, path, len(cells)) as (doc_id, doc, nb, http):
         started = time.monotonic()
-        for cell_id in cells:
-            response = await execute(http, ykernel, doc_id, cell_id)
-            assert response.status_code == 202, response.text
+        await queue(http, ykernel, doc_id, cells)
         # well under the slow cell's 5 s, even on a loaded machine
         assert time.monotonic() - started < 4, "answers come when queued, not when run"
         # Queued cells show as running, as JupyterLab shows them ([*]).
@@ -287,11 +298,8 @@ SLEEPER = 'import time\nprint("sleeping", flush=True)\ntime.sleep(60)'
 async def test_interrupt_stops_the_running_cell(yserver: JupyverseServer, ykernel: str) -> None:
     cells = {"sleep": SLEEPER, "after": 'print("after")'}
     path = write_notebook(yserver.root, "interrupt.ipynb", cells)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, 2)
-        for cell_id in cells:
-            assert (await execute(http, ykernel, doc_id, cell_id)).status_code == 202
+    async with notebook_room(yserver, path, 2) as (doc_id, doc, nb, http):
+        await queue(http, ykernel, doc_id, cells)
         await until(lambda: nb.outputs("sleep"), what="the cell running")
         assert nb.status("sleep") == "running"
         response = await http.post(f"/api/kernels/{ykernel}/interrupt")
@@ -309,12 +317,9 @@ async def test_restart_ends_running_and_queued_cells_and_later_cells_use_the_new
 ) -> None:
     cells = {"sleep": SLEEPER, "queued": 'print("queued")', "fresh": 'print("fresh")'}
     path = write_notebook(yserver.root, "restart.ipynb", cells)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, 3)
+    async with notebook_room(yserver, path, 3) as (doc_id, doc, nb, http):
         assert await run_cell(http, nb, ykernel, doc_id, "fresh") == [stream("fresh\n")]
-        for cell_id in ("sleep", "queued"):
-            assert (await execute(http, ykernel, doc_id, cell_id)).status_code == 202
+        await queue(http, ykernel, doc_id, ("sleep", "queued"))
         await until(lambda: nb.outputs("sleep"), what="the cell running")
         response = await http.post(f"/api/kernels/{ykernel}/restart")
         assert response.status_code == 200, response.text
@@ -333,9 +338,7 @@ async def test_restart_ends_running_and_queued_cells_and_later_cells_use_the_new
 async def test_kernel_death_marks_the_running_cell(yserver: JupyverseServer, ykernel: str) -> None:
     cells = {"die": 'print("bye", flush=True)\nimport os\nos._exit(1)', "next": "print(1)"}
     path = write_notebook(yserver.root, "death.ipynb", cells)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, 2)
+    async with notebook_room(yserver, path, 2) as (doc_id, doc, nb, http):
         outputs = await run_cell(http, nb, ykernel, doc_id, "die")
         assert error_of(outputs[-1])[0] == "DeadKernelError", outputs
         # The kernel was restarted by the server (autorestart): cells run again.
@@ -358,9 +361,7 @@ async def test_a_widget_made_by_server_side_cells_is_shared(
         "toggle": "switch.toggle()",
     }
     path = write_notebook(yserver.root, "widget.ipynb", cells)
-    doc_id = shared(yserver, path)
-    async with room(yserver, doc_id) as doc, http_client(yserver) as http:
-        nb = await opened(doc, 2)
+    async with notebook_room(yserver, path, 2) as (doc_id, doc, nb, http):
         await run_cell(http, nb, ykernel, doc_id, "create")
         widget = nb.cell("create")["outputs"][0]
         assert isinstance(widget, Doc), nb.outputs("create")

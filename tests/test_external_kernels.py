@@ -15,8 +15,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import JupyverseServer, free_port
-from .kernel_client import KernelClient
+from .conftest import JupyverseServer, free_port, serving
+from .kernel_client import connected, run_once
 from .ydoc_client import until
 
 pytestmark = pytest.mark.anyio
@@ -83,9 +83,7 @@ def ext_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseSe
             "startup_timeout": 20,
         },
     )
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
     early.stop()
 
 
@@ -132,12 +130,7 @@ async def test_files_there_at_start_are_served_and_malformed_ones_ignored(
     ext_server: JupyverseServer, http: httpx.Client
 ) -> None:
     kernel_id = await idle_kernel(http, "ext-early")
-    client = await KernelClient.connect(ext_server.ws_url, kernel_id)
-    try:
-        _msgs, stdout = await client.run("print(6 * 7)")
-        assert stdout == "42\n"
-    finally:
-        await client.close()
+    assert await run_once(ext_server.ws_url, kernel_id, "print(6 * 7)") == "42\n"
     assert len(log_lines(ext_server, "broken.json")) == 1
     assert http.get("/api/status").status_code == 200
 
@@ -155,8 +148,7 @@ async def test_lifecycle_listed_used_and_removed_with_its_file(
     kernel_id = await idle_kernel(http, "ext-life")
     assert listed(http, "ext-life") == http.get(f"/api/kernels/{kernel_id}").json()
 
-    client = await KernelClient.connect(ext_server.ws_url, kernel_id)
-    try:
+    async with connected(ext_server.ws_url, kernel_id) as client:
         _msgs, stdout = await client.run("print('hello from outside')")
         assert stdout == "hello from outside\n"
         # Its execution state is tracked as for our own kernels.
@@ -194,8 +186,6 @@ async def test_lifecycle_listed_used_and_removed_with_its_file(
                     states.append(msg.content["execution_state"])
         assert "dead" in states
         assert client.ws.close_code == 1000
-    finally:
-        await client.close()
     time.sleep(0.5)
     assert kernel.alive(), "the plugin never stops a kernel it did not start"
 
@@ -252,12 +242,8 @@ async def test_malformed_and_partial_files_are_ignored_until_valid(
     partial.write_text(text)
     kernel_id = await idle_kernel(http, "ext-partial")
 
-    client = await KernelClient.connect(ext_server.ws_url, kernel_id)
-    try:
-        _msgs, stdout = await client.run("print('whole at last')")
-        assert stdout == "whole at last\n"
-    finally:
-        await client.close()
+    stdout = await run_once(ext_server.ws_url, kernel_id, "print('whole at last')")
+    assert stdout == "whole at last\n"
     names = {k["name"] for k in http.get("/api/kernels").json()}
     assert not names & {"ext-ok", "ext-bad"}
     bad_names = [*bad_files, "binary.bin", "partial.json"]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import JupyverseServer, free_port
+from .conftest import JupyverseServer, free_port, new_kernel, running, serving
 from .gateway_support import HungGateway, KernelGateway, TcpProxy
 from .kernel_client import V1, KernelClient, Msg, make_msg
 from .test_websocket import ECHO_TARGET
@@ -44,9 +44,7 @@ def gateway_server(home: Path, gateway: dict[str, Any], **kwargs: Any) -> Jupyve
 @pytest.fixture(scope="module")
 def kg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
     gateway = KernelGateway(tmp_path_factory.mktemp("kernel-gateway"))
-    gateway.start()
-    yield gateway
-    gateway.stop()
+    yield from serving(gateway)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +64,7 @@ def gw(
         kernels={"require_yjs": True},
         yjs=True,
     )
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 @pytest.fixture
@@ -79,11 +75,7 @@ def http(gw: Jupyverse) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def gw_kernel(http: httpx.Client) -> Iterator[str]:
-    response = http.post("/api/kernels", json={"name": "gw-python3"})
-    assert response.status_code == 201, response.text
-    kernel_id = response.json()["id"]
-    yield kernel_id
-    http.delete(f"/api/kernels/{kernel_id}")
+    yield from new_kernel(http, "gw-python3")
 
 
 async def connect(srv: JupyverseServer, kernel_id: str, protocol: str = "v1") -> KernelClient:
@@ -134,9 +126,7 @@ def test_kernelspecs_local_and_gateway(http: httpx.Client, kg: KernelGateway) ->
 def test_exclusive_mode_keeps_the_gateway_names(
     kg: KernelGateway, tmp_path: Path, adopted: str
 ) -> None:
-    srv = gateway_server(tmp_path, kg.config(mode="exclusive"))
-    srv.start()
-    try:
+    with running(gateway_server(tmp_path, kg.config(mode="exclusive"))) as (srv,):
         with srv.client() as http:
             specs = http.get("/api/kernelspecs").json()
             assert list(specs["kernelspecs"]) == ["python3"]
@@ -148,8 +138,6 @@ def test_exclusive_mode_keeps_the_gateway_names(
             assert kernel["name"] == "python3"
             assert kernel["id"] in [k["id"] for k in kg.kernels()]
             assert http.delete(f"/api/kernels/{kernel['id']}").status_code == 204
-    finally:
-        srv.stop()
     # An adopted kernel is left running when jupyverse stops.
     assert adopted in [k["id"] for k in kg.kernels()]
 
@@ -267,11 +255,8 @@ async def test_delete_closes_the_clients(gw: Jupyverse, gw_kernel: str) -> None:
     await client.run("1")
     async with httpx.AsyncClient(base_url=gw.url, headers=gw.headers, timeout=60) as http:
         assert (await http.delete(f"/api/kernels/{gw_kernel}")).status_code == 204
-    msgs: list[Msg] = []
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            msgs.append(await client.receive(10))
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    msgs, close_code = await client.until_closed(10)
+    assert close_code == 1000
     assert any(m.content.get("execution_state") == "dead" for m in msgs)
 
 
@@ -281,9 +266,7 @@ async def test_delete_closes_the_clients(gw: Jupyverse, gw_kernel: str) -> None:
 def test_bad_token_and_no_gateway_are_clear_errors(kg: KernelGateway, tmp_path: Path) -> None:
     bad = gateway_server(tmp_path / "bad", kg.config(auth_token="wrong"))
     gone = gateway_server(tmp_path / "gone", {"url": f"http://127.0.0.1:{free_port()}"})
-    bad.start()
-    gone.start()
-    try:
+    with running(bad, gone):
         with bad.client() as http:
             specs = http.get("/api/kernelspecs").json()["kernelspecs"]
             assert "python3" in specs and "gw-python3" not in specs  # local ones still work
@@ -304,9 +287,6 @@ def test_bad_token_and_no_gateway_are_clear_errors(kg: KernelGateway, tmp_path: 
             response = http.post("/api/kernels", json={"name": "gw-python3"})
             assert response.status_code == 503, response.text
             assert "cannot be reached" in response.json()["message"]
-    finally:
-        bad.stop()
-        gone.stop()
 
 
 # --- the gateway connection -------------------------------------------------------------
@@ -316,10 +296,8 @@ async def test_dropped_gateway_connection_is_reestablished(
     kg: KernelGateway, tmp_path: Path
 ) -> None:
     proxy = TcpProxy(kg.port)
-    proxy.start()
     srv = gateway_server(tmp_path, kg.config(url=proxy.url, retry_interval=0.2))
-    srv.start()
-    try:
+    with running(proxy, srv):
         async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
             kernel_id = (await http.post("/api/kernels", json={"name": "gw-python3"})).json()["id"]
             client = await connect(srv, kernel_id)
@@ -335,19 +313,14 @@ async def test_dropped_gateway_connection_is_reestablished(
             finally:
                 await client.close()
             await http.delete(f"/api/kernels/{kernel_id}")
-    finally:
-        srv.stop()
-        proxy.stop()
 
 
 async def test_gateway_restart_mid_session(tmp_path: Path) -> None:
     kg = KernelGateway(tmp_path / "kg")
-    kg.start()
     srv = gateway_server(
         tmp_path / "jupyverse", kg.config(retry_interval=0.25, retry_interval_max=1, retry_max=60)
     )
-    srv.start()
-    try:
+    with running(kg, srv):
         async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
             body = {"path": "a.ipynb", "type": "notebook", "kernel": {"name": "gw-python3"}}
             session = (await http.post("/api/sessions", json=body)).json()
@@ -376,13 +349,10 @@ async def test_gateway_restart_mid_session(tmp_path: Path) -> None:
             await http.delete(f"/api/kernels/{local}")
 
             await anyio.to_thread.run_sync(kg.start)  # same port and token; no kernels
-            got: list[Msg] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    got.append(await client.receive(30))
+            got, close_code = await client.until_closed(30)
             assert "no longer exists on the kernel gateway" in stderr(got)
             assert any(m.content.get("execution_state") == "dead" for m in got)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+            assert close_code == 1000
             assert (await http.get(f"/api/kernels/{kernel_id}")).status_code == 404
             assert (await http.get(f"/api/sessions/{session['id']}")).status_code == 404
 
@@ -394,9 +364,6 @@ async def test_gateway_restart_mid_session(tmp_path: Path) -> None:
             _msgs, stdout = await client.run("print('after')")
             assert stdout == "after\n"
             await client.close()
-    finally:
-        srv.stop()
-        kg.stop()
 
 
 def test_kernels_culled_by_the_gateway_are_forgotten(tmp_path: Path) -> None:
@@ -476,10 +443,8 @@ def assert_came_up(srv: JupyverseServer) -> None:
 
 async def test_a_gateway_that_never_answers_holds_nothing_up(tmp_path: Path) -> None:
     hung = HungGateway()
-    hung.start()
     srv = gateway_server(tmp_path, {"url": hung.url, "request_timeout": 3})
-    try:
-        srv.start()
+    with running(hung, srv):
         assert_came_up(srv)
         assert hung.accepted >= 1
         async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
@@ -491,9 +456,6 @@ async def test_a_gateway_that_never_answers_holds_nothing_up(tmp_path: Path) -> 
             assert response.status_code == 504, response.text
             assert "does not answer" in response.json()["message"]
         assert srv.server_tracebacks() == []
-    finally:
-        srv.stop()
-        hung.stop()
 
 
 async def test_a_stopped_gateway_holds_nothing_up_and_comes_back(tmp_path: Path) -> None:
@@ -589,9 +551,7 @@ async def test_a_message_too_large_for_the_gateway_is_never_resent(
     # "gateway": no check here, Kernel Gateway refuses it (close code 1009, as Enterprise
     # Gateway does: both keep Tornado's 10 MiB limit).
     limit = {"max_message_bytes": 0} if checked == "gateway" else {}
-    srv = gateway_server(tmp_path, kg.config(retry_interval=0.2, **limit))
-    try:
-        srv.start()
+    with running(gateway_server(tmp_path, kg.config(retry_interval=0.2, **limit))) as (srv,):
         async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=60) as http:
             response = await http.post("/api/kernels", json={"name": "gw-python3"})
             assert response.status_code == 201, response.text
@@ -602,11 +562,8 @@ async def test_a_message_too_large_for_the_gateway_is_never_resent(
             code = "s = '" + "a" * (12 << 20) + "'"  # 12 MiB
             big = make_msg("execute_request", {"code": code, "silent": False}, client.session_id)
             await client.send(big)
-            msgs: list[Msg] = []
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    msgs.append(await client.receive(30))
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            msgs, close_code = await client.until_closed(30)
+            assert close_code == 1009
             notices = [m for m in msgs if "too large for the kernel gateway" in stderr([m])]
             assert len(notices) == 1, stderr(msgs)
             assert notices[0].parent_id == big["header"]["msg_id"]  # in the cell that sent it
@@ -626,5 +583,3 @@ async def test_a_message_too_large_for_the_gateway_is_never_resent(
         assert log.count("is too large for the kernel gateway") == 1, log[-3000:]
         assert "reconnecting" not in log
         assert srv.server_tracebacks() == []
-    finally:
-        srv.stop()

@@ -6,12 +6,12 @@ while that process still sleeps was answered before the kernel could reply to an
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ import anyio
 import httpx
 import pytest
 
-from .conftest import JupyverseServer, write_kernelspec
+from .conftest import BAD_ARGV, JupyverseServer, serving, write_kernelspec
 from .kernel_client import KernelClient
+from .support.processes import alive, until
 
 pytestmark = pytest.mark.anyio
 
@@ -78,14 +79,8 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseS
         startup_timeout=40,
         shutdown_wait=1,
     )
-    write_kernelspec(
-        srv.share,
-        "slow-badargv",
-        {"argv": ["/nonexistent/kernel", "{connection_file}"], "display_name": "Bad argv"},
-    )
-    srv.start()
-    yield srv
-    srv.stop()
+    write_kernelspec(srv.share, "slow-badargv", BAD_ARGV)
+    yield from serving(srv)
 
 
 def _marks(srv: JupyverseServer) -> Path:
@@ -103,19 +98,6 @@ def _pid_of(srv: JupyverseServer, kernel_id: str, timeout: float = 30) -> int:
     raise AssertionError(f"kernel {kernel_id} never ran")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purpose (it is reaped by its parent, the server).
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _still_sleeping(pid: int) -> bool:
     """Whether the process is still the sleeping script (it has not become ipykernel)."""
     try:
@@ -124,31 +106,28 @@ def _still_sleeping(pid: int) -> bool:
         return False
 
 
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.1)
-
-
 async def _model(http: httpx.AsyncClient, kernel_id: str) -> dict[str, Any]:
     response = await http.get(f"/api/kernels/{kernel_id}")
     assert response.status_code == 200, response.text
     return dict(response.json())
 
 
+@asynccontextmanager
 async def _slow_session(
-    srv: JupyverseServer, http: httpx.AsyncClient, mode: str
-) -> tuple[dict[str, Any], str, int]:
-    """A new notebook session with a `slow-<mode>` kernel: its model, kernel id and pid."""
-    path = f"{uuid.uuid4().hex}.ipynb"
-    response = await http.post(
-        "/api/sessions",
-        json={"path": path, "type": "notebook", "kernel": {"name": f"slow-{mode}"}},
-    )
-    assert response.status_code == 201, response.text
-    session = response.json()
-    kernel_id = session["kernel"]["id"]
-    return session, kernel_id, _pid_of(srv, kernel_id)
+    srv: JupyverseServer, mode: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, Any], str, int]]:
+    """A new notebook session with a `slow-<mode>` kernel: an HTTP client of the server, the
+    session's model, its kernel's id and pid."""
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+        path = f"{uuid.uuid4().hex}.ipynb"
+        response = await http.post(
+            "/api/sessions",
+            json={"path": path, "type": "notebook", "kernel": {"name": f"slow-{mode}"}},
+        )
+        assert response.status_code == 201, response.text
+        session = response.json()
+        kernel_id = session["kernel"]["id"]
+        yield http, session, kernel_id, _pid_of(srv, kernel_id)
 
 
 async def _new_kernel(http: httpx.AsyncClient, name: str) -> dict[str, Any]:
@@ -173,8 +152,7 @@ async def test_session_answers_while_the_kernel_starts_and_runs_what_was_sent(
     slow_server: JupyverseServer,
 ) -> None:
     srv = slow_server
-    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        session, kernel_id, pid = await _slow_session(srv, http, "ok")
+    async with _slow_session(srv, "ok") as (http, session, kernel_id, pid):
         hold = _marks(srv) / f"{pid}.hold"
         hold.touch()  # the kernel sleeps until the request below was sent
         # Answered while the kernel still slept: it could not have replied to anything.
@@ -200,7 +178,7 @@ async def test_session_answers_while_the_kernel_starts_and_runs_what_was_sent(
             assert "reason" not in model
         finally:
             await http.delete(f"/api/sessions/{session['id']}")
-        await _until(lambda: not _alive(pid), 30, "kernel gone")
+        await until(lambda: not alive(pid), "kernel gone", 30)
 
 
 async def _check_dead_and_clean(
@@ -208,7 +186,7 @@ async def _check_dead_and_clean(
 ) -> dict[str, Any]:
     model = await _until_state(http, kernel_id, "dead", 60)
     assert words in model["reason"], model
-    await _until(lambda: not _alive(pid), 30, "no process left")
+    await until(lambda: not alive(pid), "no process left", 30)
     assert not (srv.runtime_dir / f"kernel-{kernel_id}.json").exists()
     # it stays listed, dead with its reason, until deleted
     listed = {k["id"]: k for k in (await http.get("/api/kernels")).json()}
@@ -220,8 +198,7 @@ async def test_kernel_that_exits_while_starting_is_dead_with_its_last_output(
     slow_server: JupyverseServer,
 ) -> None:
     srv = slow_server
-    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        session, kernel_id, pid = await _slow_session(srv, http, "exit")
+    async with _slow_session(srv, "exit") as (http, session, kernel_id, pid):
         assert _still_sleeping(pid) and session["kernel"]["execution_state"] == "starting"
         client = await KernelClient.connect(srv.ws_url, kernel_id)
         await client.execute("print('never runs')")
@@ -316,7 +293,7 @@ async def test_stopping_the_server_while_a_kernel_starts_leaves_nothing(tmp_path
     finally:
         code = srv.stop()
     assert code == 0 or code == -signal.SIGTERM, srv.read_log()[-3000:]
-    await _until(lambda: not _alive(pid), 30, "no process left")
+    await until(lambda: not alive(pid), "no process left", 30)
     assert not list(srv.runtime_dir.glob("kernel-*.json"))
     assert not srv.server_tracebacks()
 
@@ -331,8 +308,8 @@ async def test_a_starting_kernel_is_not_culled_for_idleness(tmp_path: Path) -> N
             pid = _pid_of(srv, kernel_id)
             # Several cull checks pass while it sleeps; it comes up all the same.
             ready, culled = f"Kernel {kernel_id} is ready", f"Culling kernel {kernel_id}"
-            await _until(
-                lambda: ready in srv.read_log() or culled in srv.read_log(), 60, "ready or culled"
+            await until(
+                lambda: ready in srv.read_log() or culled in srv.read_log(), "ready or culled", 60
             )
             log = srv.read_log()
             assert f"{culled} (starting)" not in log

@@ -29,28 +29,21 @@ from fps_kernels.kernel_driver.connection import (
 from fps_kernels.kernel_driver.signing import Signer
 from fps_kernels.kernel_driver.wire import join_frames, make_message_parts, split_frames, unpack
 from fps_kernels.persist import keeper_client
-from fps_kernels.persist.keeper_client import KeeperInfo, attach, keeper_socket_path, start_keeper
+from fps_kernels.persist.keeper_client import (
+    Backlog,
+    KeeperInfo,
+    KeeperLink,
+    attach,
+    keeper_socket_path,
+    start_keeper,
+)
+
+from .support.processes import alive, until
 
 pytestmark = pytest.mark.anyio
 
 KERNEL_START = 60  # seconds: a kernel start on a loaded 2-core machine
 EVENT = 30  # seconds to wait for anything else
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -201,6 +194,34 @@ async def until_idle(probe: FakeServer, request: str) -> list[dict[str, Any]]:
     return seen
 
 
+async def connected(kernel: Kernel, identity: bytes | None = None) -> FakeServer:
+    """A FakeServer connected to the kernel; without an identity, the test's own observer."""
+    server = FakeServer(kernel, identity or uuid.uuid4().hex.encode())
+    await server.connect()
+    return server
+
+
+async def take_over(
+    kernel: Kernel, keeper: tuple[KeeperInfo, bytes], last_msg_id: str = "", ready: bool = False
+) -> tuple[FakeServer, KeeperLink, Backlog]:
+    """A server with the keeper's identity, connected to the kernel (answering first when
+    `ready`) and attached to the keeper after `last_msg_id`."""
+    info, identity = keeper
+    server = await connected(kernel, identity)
+    if ready:
+        await server.ready()
+    link, backlog = await attach(info.socket, last_msg_id, identity)
+    return server, link, backlog
+
+
+async def print_numbers(server: FakeServer, count: int) -> str:
+    """Runs a cell printing 0..count-1 every 0.1 s; its request's msg_id."""
+    code = f"import time\nfor i in range({count}):\n    print(i, flush=True)\n    time.sleep(0.1)"
+    return await server.send(
+        "shell", "execute_request", {"code": code, "silent": False, "allow_stdin": False}
+    )
+
+
 @pytest.fixture
 async def keeper(kernel: Kernel) -> AsyncIterator[tuple[KeeperInfo, bytes]]:
     identity = uuid.uuid4().hex.encode()
@@ -223,19 +244,12 @@ async def keeper(kernel: Kernel) -> AsyncIterator[tuple[KeeperInfo, bytes]]:
 async def test_a_cell_printing_while_detached_is_given_back_whole(
     kernel: Kernel, keeper: tuple[KeeperInfo, bytes]
 ) -> None:
-    info, identity = keeper
+    info, _ = keeper
     assert keeper_client.socket_is_private(info.socket), oct(info.socket.lstat().st_mode)
-    server = FakeServer(kernel, identity)
-    await server.connect()
-    await server.ready()
-    link, _ = await attach(info.socket, "", identity)
+    server, link, _ = await take_over(kernel, keeper, ready=True)
     # The probe is the test's own observer, not part of the server: it tells when the cell ends.
-    probe = FakeServer(kernel, uuid.uuid4().hex.encode())
-    await probe.connect()
-    code = "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.1)"
-    request = await server.send(
-        "shell", "execute_request", {"code": code, "silent": False, "allow_stdin": False}
-    )
+    probe = await connected(kernel)
+    request = await print_numbers(server, 40)
     got: list[dict[str, Any]] = []
     while not stream_lines(got, request)[3:]:  # a few lines in: the cell is running
         got.append(await server.recv("iopub"))
@@ -244,9 +258,7 @@ async def test_a_cell_printing_while_detached_is_given_back_whole(
     seen = await until_idle(probe, request)
     assert stream_lines(seen, request)[-1] == 39
 
-    new_server = FakeServer(kernel, identity)
-    await new_server.connect()
-    link, backlog = await attach(info.socket, "", identity)
+    new_server, link, backlog = await take_over(kernel, keeper)
     assert backlog.dropped == 0
     kept = [(channel, new_server.decode(frames)) for channel, frames in backlog.messages]
     iopub = [msg for channel, msg in kept if channel == "iopub"]
@@ -269,17 +281,9 @@ async def test_a_cell_printing_while_detached_is_given_back_whole(
 async def test_a_server_that_dies_leaves_everything_after_it_to_the_keeper(
     kernel: Kernel, keeper: tuple[KeeperInfo, bytes]
 ) -> None:
-    info, identity = keeper
-    server = FakeServer(kernel, identity)
-    await server.connect()
-    await server.ready()
-    link, _ = await attach(info.socket, "", identity)
-    probe = FakeServer(kernel, uuid.uuid4().hex.encode())
-    await probe.connect()
-    code = "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.1)"
-    request = await server.send(
-        "shell", "execute_request", {"code": code, "silent": False, "allow_stdin": False}
-    )
+    server, link, _ = await take_over(kernel, keeper, ready=True)
+    probe = await connected(kernel)
+    request = await print_numbers(server, 30)
     got: list[dict[str, Any]] = []
     while not stream_lines(got, request)[2:]:
         got.append(await server.recv("iopub"))
@@ -287,9 +291,7 @@ async def test_a_server_that_dies_leaves_everything_after_it_to_the_keeper(
     server.close()
     link.close()
     await until_idle(probe, request)
-    new_server = FakeServer(kernel, identity)
-    await new_server.connect()
-    link, backlog = await attach(info.socket, "", identity)
+    new_server, link, backlog = await take_over(kernel, keeper)
     kept = [(channel, new_server.decode(frames)) for channel, frames in backlog.messages]
     after = stream_lines([m for c, m in kept if c == "iopub"], request)
     before = stream_lines(got, request)
@@ -309,11 +311,7 @@ async def test_a_server_that_dies_leaves_everything_after_it_to_the_keeper(
 async def test_attach_starts_right_after_the_last_message_delivered(
     kernel: Kernel, keeper: tuple[KeeperInfo, bytes]
 ) -> None:
-    info, identity = keeper
-    server = FakeServer(kernel, identity)
-    await server.connect()
-    await server.ready()
-    link, _ = await attach(info.socket, "", identity)
+    server, link, _ = await take_over(kernel, keeper, ready=True)
     request = await server.send(
         "shell", "execute_request", {"code": "for i in range(5): print(i, flush=True)"}
     )
@@ -325,9 +323,7 @@ async def test_attach_starts_right_after_the_last_message_delivered(
     server.close()
     # The new server knows what it delivered up to line 2 (in a real restart: the record).
     upto = next(m for m in got if stream_lines([m], request) and 2 in stream_lines([m], request))
-    new_server = FakeServer(kernel, identity)
-    await new_server.connect()
-    link, backlog = await attach(info.socket, upto["header"]["msg_id"], identity)
+    new_server, link, backlog = await take_over(kernel, keeper, upto["header"]["msg_id"])
     assert backlog.found
     iopub = [new_server.decode(f) for c, f in backlog.messages if c == "iopub"]
     assert stream_lines(iopub, request)[0] == stream_lines([upto], request)[-1] + 1
@@ -376,7 +372,7 @@ async def test_detached_output_over_the_limit_is_dropped_oldest_first_and_counte
         lines = stream_lines([server.decode(f) for _, f in messages], request)
         assert lines and lines[-1] == 299 and lines == sorted(lines)
         await keeper_client.shutdown(socket)
-        await until(lambda: not alive(info.pid), EVENT, "the keeper to exit on SHUTDOWN")
+        await until(lambda: not alive(info.pid), "the keeper to exit on SHUTDOWN", EVENT)
         assert not socket.exists()
     finally:
         server.close()
@@ -391,7 +387,7 @@ async def test_the_keeper_exits_with_its_kernel(
     assert alive(info.pid)
     kernel.process.kill()
     kernel.process.wait(EVENT)
-    await until(lambda: not alive(info.pid), EVENT, "the keeper to exit with the kernel")
+    await until(lambda: not alive(info.pid), "the keeper to exit with the kernel", EVENT)
     assert not info.socket.exists()
 
 
@@ -399,12 +395,11 @@ async def test_the_keeper_exits_when_the_connection_file_goes(
     kernel: Kernel, keeper: tuple[KeeperInfo, bytes]
 ) -> None:
     info, _ = keeper
-    server = FakeServer(kernel, uuid.uuid4().hex.encode())
-    await server.connect()
+    server = await connected(kernel)
     await server.ready()  # ipykernel writes its connection file again while it starts
     server.close()
     kernel.connection_file.unlink()
-    await until(lambda: not alive(info.pid), EVENT, "the keeper to exit without its file")
+    await until(lambda: not alive(info.pid), "the keeper to exit without its file", EVENT)
 
 
 async def test_a_second_server_is_refused_while_one_is_attached(
@@ -466,9 +461,9 @@ async def test_a_keeper_whose_starter_is_gone_serves_on(kernel: Kernel) -> None:
         if starter.poll() is None:
             starter.kill()
             starter.wait(EVENT)
-    await until(socket.exists, EVENT, "the keeper's socket")
+    await until(socket.exists, "the keeper's socket", EVENT)
     link, _ = await attach(socket, "")
     link.close()
     assert "Traceback" not in log.read_text()
     await keeper_client.shutdown(socket)
-    await until(lambda: not socket.exists(), EVENT, "the keeper's end")
+    await until(lambda: not socket.exists(), "the keeper's end", EVENT)

@@ -6,14 +6,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import anyio
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
 
-from .conftest import JupyverseServer, kernel_pid, kernel_processes, write_kernelspec
+from .conftest import JupyverseServer, kernel_pid, kernel_processes, serving, write_kernelspec
 from .kernel_client import KernelClient
 
 pytestmark = pytest.mark.anyio
@@ -50,9 +50,7 @@ def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyv
             "interrupt_mode": "message",
         },
     )
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 async def _start(http: httpx.AsyncClient, name: str = "python3") -> str:
@@ -66,41 +64,48 @@ async def _start(http: httpx.AsyncClient, name: str = "python3") -> str:
     return kernel_id
 
 
+@asynccontextmanager
+async def _connected(
+    srv: JupyverseServer, name: str = "python3"
+) -> AsyncIterator[tuple[httpx.AsyncClient, str, KernelClient]]:
+    """A kernel once it answered, and a WebSocket client of it: both gone after."""
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+        kernel_id = await _start(http, name)
+        client = await KernelClient.connect(srv.ws_url, kernel_id)
+        try:
+            yield http, kernel_id, client
+        finally:
+            await client.close()
+            await http.delete(f"/api/kernels/{kernel_id}")
+
+
 async def test_killed_kernel_restarts_on_the_same_socket_20_times(
     lifecycle_server: JupyverseServer,
 ) -> None:
     srv = lifecycle_server
-    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        kernel_id = await _start(http)
-        client = await KernelClient.connect(srv.ws_url, kernel_id)
-        try:
-            for round_ in range(20):
-                await client.run(f"x = {round_}")
-                pid = kernel_pid(srv.runtime_dir, kernel_id)
-                killed_at = time.monotonic()
-                os.kill(pid, signal.SIGKILL)
-                msgs = await client.until(
-                    lambda m: (
-                        m.msg_type == "status" and m.content["execution_state"] == "restarting"
-                    ),
-                    timeout=30,
-                )
-                # noticed at once (the server waits on the process), not by a heartbeat; the
-                # bound leaves room for a loaded machine
-                assert time.monotonic() - killed_at < 5.0
-                notice = next(m for m in msgs if m.msg_type == "stream")
-                assert "killed by SIGKILL, likely out of memory" in notice.content["text"]
-                model = (await http.get(f"/api/kernels/{kernel_id}")).json()
-                assert model["execution_state"] in ("restarting", "idle")
-                assert "SIGKILL" in model["reason"]
-                _msgs, stdout = await client.run("print('x' in globals())")
-                assert stdout == "False\n", f"round {round_}"
-                assert kernel_pid(srv.runtime_dir, kernel_id) != pid
+    async with _connected(srv) as (http, kernel_id, client):
+        for round_ in range(20):
+            await client.run(f"x = {round_}")
+            pid = kernel_pid(srv.runtime_dir, kernel_id)
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            msgs = await client.until(
+                lambda m: m.msg_type == "status" and m.content["execution_state"] == "restarting",
+                timeout=30,
+            )
+            # noticed at once (the server waits on the process), not by a heartbeat; the
+            # bound leaves room for a loaded machine
+            assert time.monotonic() - killed_at < 5.0
+            notice = next(m for m in msgs if m.msg_type == "stream")
+            assert "killed by SIGKILL, likely out of memory" in notice.content["text"]
             model = (await http.get(f"/api/kernels/{kernel_id}")).json()
-            assert model["execution_state"] == "idle"
-        finally:
-            await client.close()
-            await http.delete(f"/api/kernels/{kernel_id}")
+            assert model["execution_state"] in ("restarting", "idle")
+            assert "SIGKILL" in model["reason"]
+            _msgs, stdout = await client.run("print('x' in globals())")
+            assert stdout == "False\n", f"round {round_}"
+            assert kernel_pid(srv.runtime_dir, kernel_id) != pid
+        model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+        assert model["execution_state"] == "idle"
 
 
 async def test_kernel_that_cannot_restart_ends_dead_without_looping(
@@ -142,18 +147,12 @@ async def test_kernel_that_cannot_restart_ends_dead_without_looping(
 
 async def test_interrupt_by_message(lifecycle_server: JupyverseServer) -> None:
     srv = lifecycle_server
-    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-        kernel_id = await _start(http, "bymessage")
-        client = await KernelClient.connect(srv.ws_url, kernel_id)
-        try:
-            msg_id = await client.execute("import time; print('go', flush=True); time.sleep(60)")
-            await client.until(lambda m: m.msg_type == "stream" and m.parent_id == msg_id)
-            assert (await http.post(f"/api/kernels/{kernel_id}/interrupt")).status_code == 204
-            msgs = await client.until(lambda m: m.msg_type == "error", timeout=10)
-            assert msgs[-1].content["ename"] == "KeyboardInterrupt"
-        finally:
-            await client.close()
-            await http.delete(f"/api/kernels/{kernel_id}")
+    async with _connected(srv, "bymessage") as (http, kernel_id, client):
+        msg_id = await client.execute("import time; print('go', flush=True); time.sleep(60)")
+        await client.until(lambda m: m.msg_type == "stream" and m.parent_id == msg_id)
+        assert (await http.post(f"/api/kernels/{kernel_id}/interrupt")).status_code == 204
+        msgs = await client.until(lambda m: m.msg_type == "error", timeout=10)
+        assert msgs[-1].content["ename"] == "KeyboardInterrupt"
 
 
 async def test_delete_leaves_no_process_no_file_and_closes_clients(
@@ -168,10 +167,8 @@ async def test_delete_leaves_no_process_no_file_and_closes_clients(
         await client.run("import subprocess; p = subprocess.Popen(['sleep', '300'])")
         _msgs, child = await client.run("print(p.pid)")
         assert (await http.delete(f"/api/kernels/{kernel_id}")).status_code == 204
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await client.receive(30)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+        _msgs, close_code = await client.until_closed(30)
+        assert close_code == 1000
     for gone in (pid, int(child)):
         assert (
             not os.path.exists(f"/proc/{gone}")

@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from .conftest import JupyverseServer, kernel_pid, kernel_processes
-from .kernel_client import KernelClient
+from .kernel_client import KernelClient, run_once
+from .support.processes import alive, processes_with
 
 pytestmark = pytest.mark.anyio
 
@@ -35,26 +36,7 @@ RECORD = "fps_kernels-state.json"
 
 def keeper_processes(runtime_dir: Path) -> list[int]:
     """Pids of the keepers whose socket is in `runtime_dir`."""
-    marker = str(runtime_dir).encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"fps_kernels.persist.keeper" in argv and marker in argv:
-            pids.append(int(proc.name))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return processes_with(b"fps_kernels.persist.keeper", str(runtime_dir).encode())
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -114,12 +96,19 @@ def new_session(http: httpx.Client, path: str) -> tuple[str, str]:
 
 
 async def run(server: JupyverseServer, kernel_id: str, code: str) -> str:
-    client = await KernelClient.connect(server.ws_url, kernel_id)
-    try:
-        _msgs, stdout = await client.run(code, timeout=60)
-    finally:
-        await client.close()
-    return stdout
+    return await run_once(server.ws_url, kernel_id, code, timeout=60)
+
+
+async def left_running(srv: JupyverseServer, notebook: str) -> tuple[str, int]:
+    """A session's kernel that ran a cell and was recorded, then left running by a SIGTERM
+    of the server: its id and pid."""
+    with srv.client() as http:
+        _session, kernel_id = new_session(http, notebook)
+    assert await run(srv, kernel_id, "print(1)") == "1\n"
+    wait_for(lambda: recorded_kernels(srv) == {kernel_id}, 30, "the kernel recorded")
+    pid = kernel_pid(srv.runtime_dir, kernel_id)
+    halt(srv, "term")
+    return kernel_id, pid
 
 
 @pytest.fixture
@@ -214,12 +203,7 @@ async def test_persist_off_after_a_persist_run_shuts_down_what_the_record_holds(
     srv = persisting(home)
     srv.start()
     try:
-        with srv.client() as http:
-            _session, kernel_id = new_session(http, "left.ipynb")
-        assert await run(srv, kernel_id, "print(1)") == "1\n"
-        wait_for(lambda: recorded_kernels(srv) == {kernel_id}, 30, "the kernel recorded")
-        pid = kernel_pid(srv.runtime_dir, kernel_id)
-        halt(srv, "term")
+        kernel_id, pid = await left_running(srv, "left.ipynb")
         assert alive(pid)
 
         srv.config["component"]["components"]["kernels"]["persist"] = False
@@ -428,27 +412,19 @@ async def test_a_client_back_with_its_session_id_gets_every_line_and_the_reply(
 
 @pytest.mark.parametrize("how", ["term", "kill"])
 async def test_a_server_side_cell_goes_on_across_a_restart(home: Path, how: str) -> None:
-    from .test_execute import execute, http_client, opened, shared, write_notebook
+    from .test_execute import notebook_room, queue, write_notebook, yjs_server
     from .test_execute_durable import saved_cells
-    from .ydoc_client import room, until
+    from .ydoc_client import until
 
-    srv = JupyverseServer(
-        home,
-        kernels={"persist": True, "require_yjs": True, "startup_timeout": 60},
-        yjs=True,
-        extra_components={"yjs": {"type": "yjs", "document_save_delay": 0.2}},
-    )
+    srv = yjs_server(home, persist=True, startup_timeout=60)
     srv.start()
     try:
         with srv.client() as http:
             _session, kernel_id = new_session(http, "across.ipynb")
         cells = {"loop": printer(40), "after": "print('after')"}
         path = write_notebook(srv.root, "across.ipynb", cells)
-        doc_id = shared(srv, path)
-        async with room(srv, doc_id) as doc, http_client(srv) as http:
-            nb = await opened(doc, 2)
-            for cell_id in cells:
-                assert (await execute(http, kernel_id, doc_id, cell_id)).status_code == 202
+        async with notebook_room(srv, path, 2) as (doc_id, doc, nb, http):
+            await queue(http, kernel_id, doc_id, cells)
             await until(lambda: "5\n" in texts(nb.outputs("loop")), what="the loop running")
             wait_for(
                 lambda: any(k["running"] for k in record(srv)["kernels"]), 30, "cells recorded"
@@ -488,12 +464,7 @@ async def test_a_kernel_taken_back_is_culled_as_any(home: Path) -> None:
     srv = persisting(home, persist_keeper=False)
     srv.start()
     try:
-        with srv.client() as http:
-            _session, kernel_id = new_session(http, "idle.ipynb")
-        assert await run(srv, kernel_id, "print(1)") == "1\n"
-        wait_for(lambda: recorded_kernels(srv) == {kernel_id}, 30, "the kernel recorded")
-        pid = kernel_pid(srv.runtime_dir, kernel_id)
-        halt(srv, "term")
+        kernel_id, pid = await left_running(srv, "idle.ipynb")
         srv.config["component"]["components"]["kernels"].update(
             cull_idle_timeout=3, cull_interval=1
         )
@@ -515,25 +486,18 @@ async def test_a_kernel_taken_back_is_culled_as_any(home: Path) -> None:
 async def test_server_side_cells_of_a_kernel_that_died_meanwhile_end_with_an_error(
     home: Path,
 ) -> None:
-    from .test_execute import execute, http_client, opened, shared, write_notebook
+    from .test_execute import notebook_room, queue, write_notebook, yjs_server
     from .test_execute_durable import saved_cells
-    from .ydoc_client import room, until
+    from .ydoc_client import until
 
-    srv = JupyverseServer(
-        home,
-        kernels={"persist": True, "persist_keeper": False, "require_yjs": True},
-        yjs=True,
-        extra_components={"yjs": {"type": "yjs", "document_save_delay": 0.2}},
-    )
+    srv = yjs_server(home, persist=True, persist_keeper=False)
     srv.start()
     try:
         with srv.client() as http:
             _session, kernel_id = new_session(http, "died.ipynb")
         path = write_notebook(srv.root, "died.ipynb", {"loop": printer(100)})
-        doc_id = shared(srv, path)
-        async with room(srv, doc_id) as doc, http_client(srv) as http:
-            nb = await opened(doc, 1)
-            assert (await execute(http, kernel_id, doc_id, "loop")).status_code == 202
+        async with notebook_room(srv, path, 1) as (doc_id, doc, nb, http):
+            await queue(http, kernel_id, doc_id, ["loop"])
             await until(lambda: "2\n" in texts(nb.outputs("loop")), what="the loop running")
             wait_for(lambda: any(k["running"] for k in record(srv)["kernels"]), 30, "cell recorded")
             pid = kernel_pid(srv.runtime_dir, kernel_id)
@@ -554,3 +518,59 @@ async def test_server_side_cells_of_a_kernel_that_died_meanwhile_end_with_an_err
         assert "did not outlive the restart" in error["evalue"]
     finally:
         srv.stop()
+
+
+def execution_state(server: JupyverseServer, kernel_id: str) -> str:
+    with server.client() as http:
+        return str(http.get(f"/api/kernels/{kernel_id}").json()["execution_state"])
+
+
+@pytest.mark.parametrize(
+    "when, keeper", [("after the cell", True), ("during the cell", True), ("after the cell", False)]
+)
+async def test_a_client_offline_at_the_stop_gets_its_reply_once_after_the_restart(
+    home: Path, when: str, keeper: bool
+) -> None:
+    srv = persisting(home, persist_keeper=keeper)
+    srv.start()
+    try:
+        with srv.client() as http:
+            _session, kernel_id = new_session(http, "offline.ipynb")
+        client = await KernelClient.connect(srv.ws_url, kernel_id)
+        session_id = client.session_id
+        await client.run("print('warm')", timeout=60)
+        if keeper:
+            wait_for(lambda: keeper_processes(srv.runtime_dir), 60, "a keeper for the kernel")
+        msg_id = await client.execute("import time; time.sleep(3); print('done')")
+        await client.until(lambda m: m.msg_type == "execute_input" and m.parent_id == msg_id, 60)
+        await client.close()  # gone before the reply: the server queues it for the client
+        if when == "after the cell":
+            # The cell ends while the client is away: its reply waits in the client's mailbox.
+            wait_for(lambda: execution_state(srv, kernel_id) == "idle", 60, "the cell ended")
+        halt(srv, "term")
+        if not keeper:
+            assert "1 reply message(s) queued for offline clients are lost" in srv.read_log()
+            return
+        srv.start()
+        client = await KernelClient.connect(srv.ws_url, kernel_id, session_id=session_id)
+        ends = {"execute_reply", "idle"}  # in either order: they come on two channels
+
+        def cell_ended(m: Any) -> bool:
+            if m.parent_id == msg_id:
+                ends.discard(m.content.get("execution_state") or m.msg_type)
+            return not ends
+
+        got = await client.until(cell_ended, timeout=60)
+        # A request's reply comes after anything kept for the client: a second copy of the
+        # cell's reply or output would come before it.
+        probe = await client.request("kernel_info_request", {})
+        got += await client.until(
+            lambda m: m.msg_type == "kernel_info_reply" and m.parent_id == probe, timeout=60
+        )
+        await client.close()
+    finally:
+        srv.stop()
+    replies = [m for m in got if m.msg_type == "execute_reply" and m.parent_id == msg_id]
+    assert [m.content["status"] for m in replies] == ["ok"]
+    stdout = [m for m in got if m.msg_type == "stream" and m.parent_id == msg_id]
+    assert texts([m.content for m in stdout]) == "done\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import JupyverseServer
+from .conftest import JupyverseServer, serving
 from .kernel_client import KernelClient
 
 if sys.version_info >= (3, 11):
@@ -103,9 +103,7 @@ def plugin_server(
         site,
         kernels={"provider_options": {"demo": {"greeting": "bonjour"}}},
     )
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 async def test_a_third_party_provider_shows_up_through_its_entry_point(

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import JupyverseServer
-from tests.kernel_client import KernelClient, make_msg
+from tests.conftest import JupyverseServer, serving
+from tests.kernel_client import KernelClient, connected, make_msg
 
 pytestmark = pytest.mark.anyio
 
@@ -71,9 +71,7 @@ def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyverseS
         },
     )
     srv.config["component"]["allow_origin"] = ["http://jupyverse-cors.example"]
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(srv)
 
 
 async def test_foreign_origin_is_refused(server: JupyverseServer, kernel: str) -> None:
@@ -100,12 +98,9 @@ async def test_foreign_origin_is_refused(server: JupyverseServer, kernel: str) -
 async def test_own_origin_and_no_origin_are_allowed(server: JupyverseServer, kernel: str) -> None:
     assert await upgrade_status(server, kernel, {"Origin": server.url}) == 101
     assert await upgrade_status(server, kernel, {}) == 101
-    own = await KernelClient.connect(server.ws_url, kernel, origin=server.url)
-    try:
+    async with connected(server.ws_url, kernel, origin=server.url) as own:
         _msgs, stdout = await own.run("print('own origin')")
         assert stdout == "own origin\n"
-    finally:
-        await own.close()
     with server.client() as client:
         response = client.post("/api/kernels", headers={"Origin": server.url}, json={})
         assert response.status_code == 201, response.text
@@ -167,10 +162,11 @@ async def test_options_let_listed_origins_and_hosts_in(open_server: JupyverseSer
 async def test_a_reused_msg_id_does_not_steal_the_reply(
     server: JupyverseServer, kernel: str, tmp_path: Path
 ) -> None:
-    alice = await KernelClient.connect(server.ws_url, kernel)
-    mallory = await KernelClient.connect(server.ws_url, kernel)
     flag = tmp_path / "go"
-    try:
+    async with (
+        connected(server.ws_url, kernel) as alice,
+        connected(server.ws_url, kernel) as mallory,
+    ):
         # Alice's cell waits for the test, so that her request is pending for sure.
         code = (
             "import os, time\n"
@@ -207,15 +203,13 @@ async def test_a_reused_msg_id_does_not_steal_the_reply(
         assert stdout == "mallory again\n"
         assert not [m for m in mallory.received if m.channel == "shell" and m.parent_id == alice_id]
         assert not [m for m in mallory.received if m.content.get("text") == "mallory\n"]
-    finally:
-        await alice.close()
-        await mallory.close()
 
 
 async def test_replies_never_follow_the_session_field(server: JupyverseServer, kernel: str) -> None:
-    alice = await KernelClient.connect(server.ws_url, kernel)
-    mallory = await KernelClient.connect(server.ws_url, kernel)
-    try:
+    async with (
+        connected(server.ws_url, kernel) as alice,
+        connected(server.ws_url, kernel) as mallory,
+    ):
         # A request naming Alice's session in its header is still Mallory's.
         forged = make_msg("kernel_info_request", {}, alice.session_id)
         await mallory.send(forged)
@@ -225,9 +219,6 @@ async def test_replies_never_follow_the_session_field(server: JupyverseServer, k
         )
         _msgs, _stdout = await alice.run("print('alice')")
         assert not [m for m in alice.received if m.channel == "shell" and m.parent_id == forged_id]
-    finally:
-        await alice.close()
-        await mallory.close()
 
 
 def test_no_origin_check_for_clients_without_one(server: JupyverseServer) -> None:

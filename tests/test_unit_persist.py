@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 
 from fps_kernels.kernel_driver.ownership import process_start
+from fps_kernels.kernel_driver.signing import Signer
+from fps_kernels.kernel_driver.wire import join_frames, make_message_parts, split_frames
+from fps_kernels.kernel_server.keeping import queued_replies
+from fps_kernels.kernel_server.mailbox import ClientMailbox
+from fps_kernels.kernel_server.messages import KernelMessage
+from fps_kernels.kernel_server.takeback import TakeBackInbound
 from fps_kernels.persist import lock
+from fps_kernels.persist.keeper import Keeper
+from fps_kernels.persist.keeper_client import Backlog, KeeperError, attach
+from fps_kernels.persist.keeper_protocol import client_of, for_client, msg_id_of
 from fps_kernels.persist.liveness import EXIT_STATUS_UNKNOWN, AdoptedProcess, same_process
 from fps_kernels.persist.logs import kernel_log_path, open_kernel_log, tail_lines
 from fps_kernels.persist.record import (
@@ -619,3 +628,152 @@ def test_kernels_are_sorted_into_alive_and_dead_and_the_dead_forgotten(
     assert "MemoryError" in caplog.text
     for _, adopted in result.alive:
         adopted.close()
+
+
+# --- replies queued for offline clients, kept over a restart by the keeper -------------------
+
+KEY = "the kernel's key"
+
+
+def signed(channel: str, msg_type: str, parent: str = "", session: str = "kernel") -> list[bytes]:
+    """Raw frames of a message as a kernel sends them (an iopub one with its topic frame)."""
+    _msg_id, parts = make_message_parts(msg_type, {}, session, {"msg_id": parent} if parent else {})
+    frames = [bytes(f) for f in join_frames(parts, [], Signer(KEY, "hmac-sha256"))]
+    return [b"kernel.x." + msg_type.encode(), *frames] if channel == "iopub" else frames
+
+
+def test_a_message_for_a_client_carries_its_session_id_and_nothing_else_does() -> None:
+    reply = signed("shell", "execute_reply", "req-1")
+    tagged = for_client("client-a", reply)
+    assert client_of("shell", tagged) == "client-a"
+    assert msg_id_of(tagged) == msg_id_of(reply)  # still the same message
+    assert client_of("shell", reply) is None  # as the kernel sent it
+    assert client_of("iopub", signed("iopub", "stream")) is None  # a topic, not a client
+    assert client_of("iopub", for_client("client-a", reply)) is None  # iopub is for all
+
+
+def keeper_scenario(
+    tmp_path: Path, max_bytes: int, scenario: Callable[[Any, Path], Awaitable[None]]
+) -> None:
+    """Run `scenario(keeper, socket)` with a Keeper served in this process (no kernel: its
+    messages are given to it by the test)."""
+
+    async def main() -> None:
+        keeper = Keeper({}, b"", max_bytes)  # no identity: it opens no DEALERs
+        socket = tmp_path / "k.sock"
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(keeper.serve, path=str(socket))
+        finally:
+            os.umask(old_umask)
+        try:
+            await scenario(keeper, socket)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_replies_queued_at_a_detach_are_in_the_next_backlog_once(tmp_path: Path) -> None:
+    outputs = [signed("iopub", "stream", "req-1") for _ in range(3)]
+    reply = signed("shell", "execute_reply", "req-1")
+    prompt = signed("stdin", "input_request", "req-2")
+
+    async def scenario(keeper: Any, socket: Path) -> None:
+        link, _ = await attach(socket)
+        for frames in outputs:
+            keeper.keep("iopub", frames)
+        # Every output was delivered: the replies queued for offline clients are kept anyway.
+        queued = [("shell", for_client("a", reply)), ("stdin", for_client("b", prompt))]
+        await link.detach(str(msg_id_of(outputs[-1])), queued=queued)
+        link, backlog = await attach(socket, last_msg_id=str(msg_id_of(outputs[-1])))
+        assert [(c, client_of(c, f), msg_id_of(f)) for c, f in backlog.messages] == [
+            ("shell", "a", msg_id_of(reply)),
+            ("stdin", "b", msg_id_of(prompt)),
+        ]
+        assert backlog.messages[0][1][1:] == reply  # the frames as signed
+        await link.detach(str(msg_id_of(outputs[-1])))
+        _link, backlog = await attach(socket, last_msg_id=str(msg_id_of(outputs[-1])))
+        assert backlog.messages == []  # given once
+
+    keeper_scenario(tmp_path, 1 << 20, scenario)
+
+
+def test_replies_queued_at_a_detach_count_in_the_keepers_bound(tmp_path: Path) -> None:
+    replies = [signed("shell", "execute_reply", f"req-{n}") for n in range(4)]
+    size = sum(map(len, for_client("a", replies[0])))
+
+    async def scenario(keeper: Any, socket: Path) -> None:
+        link, _ = await attach(socket)
+        await link.detach("", queued=[("shell", for_client("a", r)) for r in replies])
+        _link, backlog = await attach(socket)
+        kept = [msg_id_of(frames) for _channel, frames in backlog.messages]
+        assert kept == [msg_id_of(r) for r in replies[2:]]  # the oldest dropped
+        assert backlog.dropped == 2
+
+    keeper_scenario(tmp_path, 2 * size + size // 2, scenario)
+
+
+def test_a_keeper_refuses_a_queued_message_for_no_client(tmp_path: Path) -> None:
+    async def scenario(keeper: Any, socket: Path) -> None:
+        link, _ = await attach(socket)
+        with pytest.raises(KeeperError):
+            await link.detach("", queued=[("shell", signed("shell", "execute_reply"))])
+        assert not [e for e in keeper.entries if e.handed]
+
+    keeper_scenario(tmp_path, 1 << 20, scenario)
+
+
+def test_what_offline_mailboxes_hold_on_dealer_channels_is_signed_again_and_tagged() -> None:
+    def message(channel: str, msg_type: str) -> KernelMessage:
+        wire = split_frames(signed(channel, msg_type, "req-1"))
+        return KernelMessage(channel, wire.parts, wire.buffers)
+
+    async def scenario() -> None:
+        away = ClientMailbox("client-a", 1 << 20, "server")
+        for channel, msg_type in [
+            ("iopub", "stream"),
+            ("shell", "execute_reply"),
+            ("iopub", "status"),
+        ]:
+            away.send(message(channel, msg_type))
+        reply = away.unsent_replies()
+        assert [m.msg_type for m in reply] == ["execute_reply"]
+        [(channel, frames)] = queued_replies(
+            [away, ClientMailbox("b", 1 << 20, "s")], Signer(KEY, "hmac-sha256")
+        )
+        assert channel == "shell" and client_of(channel, frames) == "client-a"
+        wire = split_frames(frames)
+        Signer(KEY, "hmac-sha256").check(wire.signature, wire.parts)  # the kernel's signature
+        assert wire.parts == reply[0].parts
+
+    asyncio.run(scenario())
+
+
+def test_a_take_back_hands_a_kept_reply_to_its_client_and_not_to_the_dispatch() -> None:
+    def verify(channel: str, frames: Any) -> KernelMessage:
+        wire = split_frames(frames)
+        return KernelMessage(channel, wire.parts, wire.buffers)
+
+    async def scenario() -> None:
+        dispatched: list[str] = []
+        handed: list[tuple[str, str]] = []
+
+        def to_client(session_id: str, message: KernelMessage) -> bool:
+            handed.append((session_id, message.msg_type))
+            return session_id == "back"
+
+        inbound = TakeBackInbound(lambda c, m: dispatched.append(m.msg_type), [], 60, to_client)
+        backlog = Backlog(
+            [
+                ("iopub", signed("iopub", "stream", "req-1")),
+                ("shell", for_client("back", signed("shell", "execute_reply", "req-1"))),
+                ("shell", for_client("gone", signed("shell", "execute_reply", "req-2"))),
+                ("shell", signed("shell", "execute_reply", "req-3")),  # kept by the keeper
+            ]
+        )
+        assert inbound.play(backlog, verify) == 0
+        assert handed == [("back", "execute_reply"), ("gone", "execute_reply")]
+        assert dispatched == ["stream", "execute_reply"]
+
+    asyncio.run(scenario())

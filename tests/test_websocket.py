@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .conftest import JupyverseServer
-from .kernel_client import V1, KernelClient, make_msg
+from .kernel_client import V1, KernelClient, connected, make_msg
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +27,7 @@ get_ipython().kernel.comm_manager.register_target("echo", _echo_target)
 
 @pytest.mark.parametrize("protocol", ["v1", "legacy"])
 async def test_execute_round_trip(server: JupyverseServer, kernel: str, protocol: str) -> None:
-    client = await KernelClient.connect(server.ws_url, kernel, protocol)
-    try:
+    async with connected(server.ws_url, kernel, protocol) as client:
         assert client.ws.subprotocol == (V1 if protocol == "v1" else None)
         msg_id = await client.execute("print(6*7)")
         msgs = await client.until_idle(msg_id)
@@ -42,16 +41,13 @@ async def test_execute_round_trip(server: JupyverseServer, kernel: str, protocol
             msgs += await client.until(lambda m: m.msg_type == "execute_reply")
         reply = next(m for m in msgs if m.msg_type == "execute_reply")
         assert reply.channel == "shell" and reply.content["status"] == "ok"
-    finally:
-        await client.close()
 
 
 @pytest.mark.parametrize("protocol", ["v1", "legacy"])
 async def test_binary_buffers_both_ways(
     server: JupyverseServer, kernel: str, protocol: str
 ) -> None:
-    client = await KernelClient.connect(server.ws_url, kernel, protocol)
-    try:
+    async with connected(server.ws_url, kernel, protocol) as client:
         await client.run(ECHO_TARGET)
         comm_id = uuid.uuid4().hex
         await client.request("comm_open", {"comm_id": comm_id, "target_name": "echo", "data": {}})
@@ -63,15 +59,12 @@ async def test_binary_buffers_both_ways(
         assert echo.channel == "iopub"
         assert echo.content["data"] == {"x": 1}
         assert [bytes(b) for b in echo.buffers] == [payload, b"second"]
-    finally:
-        await client.close()
 
 
 async def test_legacy_frames_carry_ids_and_default_to_shell(
     server: JupyverseServer, kernel: str
 ) -> None:
-    client = await KernelClient.connect(server.ws_url, kernel, "legacy")
-    try:
+    async with connected(server.ws_url, kernel, "legacy") as client:
         msg = make_msg("kernel_info_request", {}, client.session_id)
         del msg["channel"]  # no channel means shell
         await client.ws.send(json.dumps(msg))
@@ -80,8 +73,6 @@ async def test_legacy_frames_carry_ids_and_default_to_shell(
         assert raw["msg_id"] == raw["header"]["msg_id"]
         assert raw["parent_header"]["msg_id"] == msg["header"]["msg_id"]
         assert raw["buffers"] == []
-    finally:
-        await client.close()
 
 
 async def _recv_until(client: KernelClient, predicate: object) -> dict:
@@ -118,9 +109,10 @@ async def test_unknown_kernel_is_closed_with_a_reason(server: JupyverseServer) -
 async def test_replies_go_to_the_requester_iopub_to_all(
     server: JupyverseServer, kernel: str
 ) -> None:
-    alice = await KernelClient.connect(server.ws_url, kernel)
-    bob = await KernelClient.connect(server.ws_url, kernel, "legacy")
-    try:
+    async with (
+        connected(server.ws_url, kernel) as alice,
+        connected(server.ws_url, kernel, "legacy") as bob,
+    ):
         msg_id = await alice.execute("print('hello')")
         alice_msgs = await alice.until(lambda m: m.msg_type == "execute_reply")
         alice_msgs += (
@@ -140,15 +132,10 @@ async def test_replies_go_to_the_requester_iopub_to_all(
         bob_msgs += await bob.until(lambda m: m.msg_type == "kernel_info_reply")
         assert bob_msgs[-1].parent_id == info_id
         assert not [m for m in bob_msgs if m.msg_type == "execute_reply"]
-    finally:
-        await alice.close()
-        await bob.close()
 
 
 async def test_stdin_reaches_only_the_requester(server: JupyverseServer, kernel: str) -> None:
-    alice = await KernelClient.connect(server.ws_url, kernel)
-    bob = await KernelClient.connect(server.ws_url, kernel)
-    try:
+    async with connected(server.ws_url, kernel) as alice, connected(server.ws_url, kernel) as bob:
         msg_id = await alice.execute("print('got', input('name? '))", allow_stdin=True)
         request = (await alice.until(lambda m: m.msg_type == "input_request"))[-1]
         assert request.channel == "stdin" and request.content["prompt"] == "name? "
@@ -159,9 +146,6 @@ async def test_stdin_reaches_only_the_requester(server: JupyverseServer, kernel:
         assert any(m.msg_type == "stream" and "got ada" in m.content["text"] for m in msgs)
         bob_msgs = await bob.until_idle(msg_id)
         assert not [m for m in bob_msgs if m.msg_type == "input_request"]
-    finally:
-        await alice.close()
-        await bob.close()
 
 
 async def test_bad_frames_are_logged_and_harmless(server: JupyverseServer, kernel: str) -> None:
@@ -203,10 +187,8 @@ async def test_same_session_id_replaces_the_stale_socket(
     session_id = uuid.uuid4().hex
     old = await KernelClient.connect(server.ws_url, kernel, session_id=session_id)
     new = await KernelClient.connect(server.ws_url, kernel, session_id=session_id)
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            await old.receive(30)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    _msgs, close_code = await old.until_closed(30)
+    assert close_code == 1000
     _msgs, stdout = await new.run("print(1)")
     assert stdout == "1\n"
     await new.close()
@@ -215,23 +197,20 @@ async def test_same_session_id_replaces_the_stale_socket(
 async def test_a_client_that_does_not_read_stalls_nobody(
     server: JupyverseServer, kernel: str
 ) -> None:
-    stuck = await KernelClient.connect(server.ws_url, kernel, max_queue=1)
-    reader = await KernelClient.connect(server.ws_url, kernel)
-    try:
+    async with (
+        connected(server.ws_url, kernel, max_queue=1),  # never reads
+        connected(server.ws_url, kernel) as reader,
+    ):
         with anyio.fail_after(60):
             _msgs, stdout = await reader.run("for i in range(20000): print(i)", timeout=60)
         lines = stdout.splitlines()
         assert lines == [str(i) for i in range(20000)]
-    finally:
-        await reader.close()
-        await stuck.close()
 
 
 async def test_interrupt_over_rest_reaches_running_code(
     server: JupyverseServer, kernel: str
 ) -> None:
-    client = await KernelClient.connect(server.ws_url, kernel)
-    try:
+    async with connected(server.ws_url, kernel) as client:
         msg_id = await client.execute("import time; print('sleeping', flush=True); time.sleep(60)")
         await client.until(lambda m: m.msg_type == "stream" and m.parent_id == msg_id)
         async with httpx.AsyncClient(base_url=server.url) as http:
@@ -239,20 +218,15 @@ async def test_interrupt_over_rest_reaches_running_code(
             assert response.status_code == 204
         msgs = await client.until(lambda m: m.msg_type == "error", timeout=10)
         assert msgs[-1].content["ename"] == "KeyboardInterrupt"
-    finally:
-        await client.close()
 
 
 async def test_restart_keeps_the_socket(server: JupyverseServer, kernel: str) -> None:
-    client = await KernelClient.connect(server.ws_url, kernel)
-    try:
+    async with connected(server.ws_url, kernel) as client:
         await client.run("x = 1")
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             assert (await http.post(f"/api/kernels/{kernel}/restart")).status_code == 200
         _msgs, stdout = await client.run("print('x' in dir())")
         assert stdout == "False\n"
-    finally:
-        await client.close()
 
 
 async def test_auth_is_checked_before_the_upgrade(tmp_path_factory: pytest.TempPathFactory) -> None:

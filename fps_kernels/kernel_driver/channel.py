@@ -37,6 +37,8 @@ ALL_CHANNELS = ("iopub", "shell", "control", "stdin")
 #: identity not connected yet (an input_request on stdin, for one).
 LINKED_CHANNELS = ("control", "stdin")
 _INFO_RETRY = 0.5
+# pyzmq's own threshold (zmq.COPY_THRESHOLD): smaller frames are copied even with copy=False.
+_ZERO_COPY_FROM = 65536
 
 
 class HandshakeError(RuntimeError):
@@ -293,8 +295,11 @@ class KernelChannel(Generic[M]):
         self, channel: str, parts: Sequence[bytes], buffers: Sequence[bytes | memoryview] = ()
     ) -> Awaitable[Any]:
         """Sign and send a message's four parts and buffers; the awaitable of the ZMQ send."""
+        # Zero-copy only pays for large frames: for small ones pyzmq copies anyway, after
+        # building a Frame and its tracker for each.
+        copy = not buffers and sum(map(len, parts)) < _ZERO_COPY_FROM
         return self.sockets[channel].send_multipart(
-            join_frames(parts, buffers, self.signer), copy=False
+            join_frames(parts, buffers, self.signer), copy=copy
         )
 
     def compose(

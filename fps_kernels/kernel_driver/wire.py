@@ -41,14 +41,16 @@ def split_frames(frames: Sequence[bytes]) -> WireMessage:
         index = frames.index(DELIMITER)
     except ValueError:
         raise WireError("no <IDS|MSG> delimiter") from None
-    rest = frames[index + 1 :]
-    if len(rest) < 5:
-        raise WireError(f"a message needs a signature and 4 parts, got {len(rest)} frames")
+    # Indexed, not sliced into a rest first: this runs for every message a kernel sends.
+    parts_at = index + 2
+    if len(frames) < parts_at + 4:
+        got = len(frames) - index - 1
+        raise WireError(f"a message needs a signature and 4 parts, got {got} frames")
     return WireMessage(
-        signature=bytes(rest[0]),
-        parts=[bytes(part) for part in rest[1:5]],
-        buffers=list(rest[5:]),
-        identities=list(frames[:index]),
+        bytes(frames[index + 1]),
+        [bytes(part) for part in frames[parts_at : parts_at + 4]],
+        list(frames[parts_at + 4 :]),
+        list(frames[:index]),
     )
 
 

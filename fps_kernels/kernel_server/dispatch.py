@@ -103,6 +103,14 @@ class KernelDispatch:
             return
         self.bridge.reply(channel, parent_id, message)
 
+    def saw(self, message: KernelMessage) -> None:
+        """A kernel's message that reaches its client another way (a reply kept over a
+        server restart, fps_kernels.persist): its number is not a gap."""
+        if self._gaps.observe(
+            message.header.get("msg_id"), False, lambda: message.parent_header, time.monotonic()
+        ):
+            self._arm_gap_timer()
+
     def _track(self, message: KernelMessage) -> bool:
         """Tell the activity what the kernel does; whether `message` ends a cell (its idle
         status)."""

@@ -4,19 +4,24 @@ The keeper (persist/keeper.py) holds the kernel's output and replies while no se
 attached. The server starts one once its kernel answered (again after each restart of the
 kernel: a keeper ends with the process it was started for), attaches at once and keeps the
 link; letting the kernel go, it DETACHes (the keeper takes over after the last message the
-clients were given); shutting the kernel down, it stops the keeper. A keeper that cannot be
-started or reached is logged once, and the kernel is served without it.
+clients were given, and keeps the replies queued for offline clients); shutting the kernel
+down, it stops the keeper. A keeper that cannot be started or reached is logged once, and
+the kernel is served without it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from ..kernel_driver.signing import Signer
 from ..kernel_driver.tasks import BackgroundTasks
+from ..kernel_driver.wire import join_frames
 from ..persist import keeper_client
 from ..persist.keeper_client import Backlog, KeeperError, KeeperLink, keeper_socket_path
+from ..persist.keeper_protocol import for_client
+from .mailbox import ClientMailbox
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +116,28 @@ class KernelKeeping:
         """The keeper attached at take-back serves `kernel_pid` (no new one for it)."""
         self._kernel_pid = kernel_pid if self.link is not None else None
 
-    async def detach(self, last_msg_id: str, unsent: list[str]) -> None:
+    async def detach(
+        self,
+        last_msg_id: str,
+        unsent: list[str],
+        queued: Sequence[tuple[str, Sequence[bytes]]] = (),
+    ) -> bool:
         """The server lets the kernel go: the keeper keeps what follows `last_msg_id`, or
-        from the oldest of `unsent` (see KeeperLink.detach)."""
+        from the oldest of `unsent`, and the `queued` messages of offline clients (see
+        KeeperLink.detach). Whether it took them (False: none attached, or it failed)."""
         await self._tasks.cancel_all()
         link, self.link = self.link, None
         if link is None:
-            return
+            return False
         try:
-            await link.detach(last_msg_id, self.identity, unsent=unsent)
+            await link.detach(last_msg_id, self.identity, unsent=unsent, queued=queued)
         except (KeeperError, OSError) as error:
             # The link is closed anyway: the keeper keeps everything from now on.
             logger.warning(
                 "Kernel %s: the keeper did not take the detach: %s", self.kernel_id, error
             )
+            return False
+        return True
 
     async def shutdown(self) -> None:
         """The kernel is shut down: so is its keeper."""
@@ -142,3 +155,23 @@ class KernelKeeping:
         link, self.link = self.link, None
         if link is not None:
             link.close()
+
+
+def queued_replies(
+    mailboxes: Iterable[ClientMailbox], signer: Signer
+) -> list[tuple[str, list[bytes]]]:
+    """What the mailboxes still hold on shell/control/stdin (replies, input requests of
+    clients offline at a stop), signed again with the kernel's key (a mailbox holds parsed
+    parts: the signature is the one the kernel made) and tagged with the client's session_id
+    for the keeper: (channel, frames)."""
+    return [
+        (
+            message.channel,
+            for_client(
+                mailbox.session_id,
+                [bytes(frame) for frame in join_frames(message.parts, message.buffers, signer)],
+            ),
+        )
+        for mailbox in mailboxes
+        for message in mailbox.unsent_replies()
+    ]

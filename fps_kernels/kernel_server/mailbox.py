@@ -114,17 +114,22 @@ class ClientMailbox:
                     return msg_id
         return None
 
+    def unsent_replies(self) -> list[KernelMessage]:
+        """The messages of shell, control and stdin still queued (not written to a socket),
+        oldest first: what a kernel's keeper keeps for the client over a server restart."""
+        return [m for m in self._queue if isinstance(m, KernelMessage) and m.channel != "iopub"]
+
     # --- filling the mailbox (never waits) -------------------------------------------------
 
     def send(self, message: KernelMessage) -> None:
-        size = message.size()
         if not self._queue:
             if not self._write_now(message):
-                self._append(message, size)
+                self._append(message, message.size())
             return
         msg_type = message.msg_type
         if msg_type == "stream" and self._merge(message):
             return
+        size = message.size()
         if self._queued_bytes + size > self.max_queue_bytes and msg_type not in _KEPT_TYPES:
             self._drop(message)
             return

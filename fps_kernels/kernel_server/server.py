@@ -50,7 +50,7 @@ from .activity import ExecutionState, KernelActivity
 from .bridge import ClientBridge
 from .close_codes import CloseCode
 from .dispatch import KernelDispatch
-from .keeping import KernelKeeping
+from .keeping import KernelKeeping, queued_replies
 from .messages import KernelMessage, notice
 from .readiness import Readiness, ReadinessState
 from .registry import KernelEntry, KernelRegistry
@@ -376,6 +376,8 @@ class KernelServer:
             self._dispatch.dispatch,
             [cell.msg_id for cell in record.running],
             self.settings.offline_buffer_seconds,
+            to_client=self._queue_for,
+            name=self.kernel_id,
         )
         self._inbound = inbound
         # iopub first, the keeper's backlog, then the DEALERs: a kernel's ROUTER hands an
@@ -431,6 +433,16 @@ class KernelServer:
             f", {len(backlog.messages)} message(s) from its keeper" if backlog else "",
         )
 
+    def _queue_for(self, session_id: str, message: KernelMessage) -> bool:
+        """Queue a message kept over the restart for the client `session_id` (a mailbox of
+        record.clients); False when it has none."""
+        client = self._bridge.clients.get(session_id)
+        if client is None:
+            return False
+        self._dispatch.saw(message)
+        client.send(message)
+        return True
+
     def _answered(self, reply: asyncio.Future[KernelMessage]) -> None:
         if reply.cancelled():
             return
@@ -479,8 +491,17 @@ class KernelServer:
             CloseCode.GOING_AWAY, notice or "The server is restarting; the kernel goes on"
         )
         unsent = [m for m in (box.first_unsent_iopub() for box in mailboxes) if m is not None]
-        if self._keeping is not None:
-            await self._keeping.detach(last, unsent)
+        # Replies queued for clients offline at the stop: the keeper keeps them for the next
+        # server, which hands them to those clients when they come back.
+        replies = queued_replies(mailboxes, self._channel.signer)
+        kept = self._keeping is not None and await self._keeping.detach(last, unsent, replies)
+        if replies and not kept:
+            logger.warning(
+                "Kernel %s: %d reply message(s) queued for offline clients are lost: no "
+                "keeper takes them",
+                self.kernel_id,
+                len(replies),
+            )
         self._dispatch.stop()
         await self._channel.close()
         self.readiness.set(Readiness.DEAD)

@@ -8,9 +8,10 @@ keeper_protocol.py the socket's packets).
 It subscribes to iopub beside the server: while a server is attached it keeps a short ring
 only; once the server's connection ends (DETACH, or the OS closing it when the server dies)
 it keeps everything up to --max-bytes (the oldest dropped and counted), and DEALERs with the
-server's identity keep the replies to requests sent before. It forks away at start (printing
-its pid once its 0600 socket is ready) and exits with the kernel's process, its connection
-file, or on SHUTDOWN.
+server's identity keep the replies to requests sent before; what a DETACH hands over for
+offline clients (their replies the server could not deliver) is kept until the next ATTACH,
+within the same bound. It forks away at start (printing its pid once its 0600 socket is
+ready) and exits with the kernel's process, its connection file, or on SHUTDOWN.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .keeper_protocol import PacketError, encode_packet, msg_id_of, read_packet
+from .keeper_protocol import (
+    CLIENT_CHANNELS,
+    PacketError,
+    client_of,
+    encode_packet,
+    msg_id_of,
+    read_packet,
+)
 
 RING_SECONDS = 10.0  # over a let_go: its clients get up to 2 s to take what is queued
 RING_MESSAGES = 10000
@@ -49,6 +57,8 @@ class Entry:
     frames: list[bytes]
     size: int
     at: float
+    #: Handed over by a DETACH for a client: given at the next ATTACH whatever its start.
+    handed: bool = False
 
 
 class Keeper:
@@ -88,10 +98,10 @@ class Keeper:
             sock.connect(f"tcp://{self.info['ip']}:{port}")
         return sock
 
-    def keep(self, channel: str, frames: list[bytes]) -> None:
+    def keep(self, channel: str, frames: list[bytes], handed: bool = False) -> None:
         size = sum(len(frame) for frame in frames)
         now = time.monotonic()
-        self.entries.append(Entry(self.seq, channel, frames, size, now))
+        self.entries.append(Entry(self.seq, channel, frames, size, now, handed))
         if self.resume_after and msg_id_of(frames) == self.resume_after:
             self.unread_from, self.resume_after = self.seq + 1, ""
         self.seq += 1
@@ -109,7 +119,7 @@ class Keeper:
     def pop(self) -> None:
         entry = self.entries.popleft()
         self.size -= entry.size
-        if entry.seq >= self.unread_from and self.server is None:
+        if (entry.seq >= self.unread_from or entry.handed) and self.server is None:
             self.dropped += 1
 
     async def read(self, sock: Any, channel: str) -> None:
@@ -154,7 +164,7 @@ class Keeper:
         self.close_dealers()
         last = self.find(args.get("last_msg_id"))
         start = self.unread_from if last is None else last + 1
-        backlog = [entry for entry in self.entries if entry.seq >= start]
+        backlog = [entry for entry in self.entries if entry.seq >= start or entry.handed]
         head = {"count": len(backlog), "dropped": self.dropped, "found": last is not None}
         self.server = writer  # from now on a second ATTACH is refused
         try:
@@ -166,13 +176,19 @@ class Keeper:
             self.server = None  # given nothing for sure: the next server gets it all again
             self.open_dealers()
             raise
+        # Replies and the like are for one server: given, never again (a next server resumes
+        # in the iopub ring by msg_id, and its last_msg_id may come before them).
+        self.entries = deque(entry for entry in self.entries if entry.channel == "iopub")
+        self.size = sum(entry.size for entry in self.entries)
         self.dropped, self.resume_after = 0, ""
         self.trim_ring(time.monotonic())
 
-    def detach(self, args: dict[str, Any]) -> None:
+    def detach(self, args: dict[str, Any], handed: Sequence[list[bytes]] = ()) -> None:
         self.identity = bytes.fromhex(args.get("identity") or "") or self.identity
         self.server = None
         self.open_dealers()
+        for packet in handed:  # [channel, session_id, *frames]: for an offline client
+            self.keep(packet[0].decode(), packet[1:], handed=True)
         # Messages the server took but could not hand to a client (a client's queue that
         # dies with it): the next server gets them again, from the oldest found.
         unsent = args.get("unsent")
@@ -188,6 +204,17 @@ class Keeper:
         self.unread_from = first if last is None else last + 1
         self.resume_after = str(args.get("last_msg_id") or "") if last is None else ""
 
+    async def read_handed(self, reader: asyncio.StreamReader, count: object) -> list[list[bytes]]:
+        """The packets a DETACH says follow it: messages for offline clients."""
+        packets = []
+        for _ in range(count if isinstance(count, int) else 0):
+            packet = await read_packet(reader, limit=max(self.max_bytes, 65536))
+            channel = packet[0].decode(errors="replace") if packet else ""
+            if channel not in CLIENT_CHANNELS or client_of(channel, packet[1:]) is None:
+                raise PacketError(f"a queued message of channel {channel[:20]!r} for no client")
+            packets.append(packet)
+        return packets
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -202,7 +229,7 @@ class Keeper:
                         break
                     await self.attach(writer, args)
                 elif kind == b"DETACH" and self.server is writer:
-                    self.detach(args)
+                    self.detach(args, await self.read_handed(reader, args.get("queued")))
                     writer.write(encode_packet([b"OK"]))
                     break
                 elif kind == b"SHUTDOWN":

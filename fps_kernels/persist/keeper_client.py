@@ -5,7 +5,8 @@ to the newest peer that claims it):
 - at attach: connect iopub and the DEALERs with the recorded identity, wait for their
   handshakes, then `attach()`: the keeper gives its DEALERs up and answers with the backlog;
   live iopub messages whose msg_id is in the backlog are the overlap, to be skipped;
-- at a graceful stop: `detach()` (the keeper takes the identity over), then close the sockets;
+- at a graceful stop: `detach()` (the keeper takes the identity over, and what the server
+  could not hand to offline clients), then close the sockets;
 - at shutdown of the kernel: `shutdown()`.
 """
 
@@ -33,7 +34,8 @@ class KeeperError(RuntimeError):
 
 @dataclass(slots=True)
 class Backlog:
-    """What the keeper kept for the server: messages as raw ZMQ frames, oldest first."""
+    """What the keeper kept for the server: messages as raw ZMQ frames, oldest first (those
+    an earlier server queued for an offline client carry its session_id: `client_of`)."""
 
     messages: list[tuple[str, list[bytes]]] = field(default_factory=list)
     dropped: int = 0  # messages dropped while detached, over --max-bytes
@@ -158,14 +160,24 @@ class KeeperLink:
         identity: bytes = b"",
         timeout: float = 10,
         unsent: Sequence[str] = (),
+        queued: Sequence[tuple[str, Sequence[bytes]]] = (),
     ) -> None:
         """A graceful stop: the keeper keeps what follows `last_msg_id` (the last iopub
         message delivered), or from the oldest of `unsent` it still has (iopub messages the
-        server could not hand to its clients), and takes the identity over. Close the
-        DEALERs after this."""
-        args = {"last_msg_id": last_msg_id, "identity": identity.hex(), "unsent": list(unsent)}
+        server could not hand to its clients), and takes the identity over; it keeps
+        `queued` too, (channel, frames `for_client()` tagged) of shell/control/stdin the
+        server could not hand to offline clients, for the next server. Close the DEALERs
+        after this."""
+        args = {
+            "last_msg_id": last_msg_id,
+            "identity": identity.hex(),
+            "unsent": list(unsent),
+            "queued": len(queued),
+        }
         try:
             self._writer.write(encode_packet([b"DETACH", json.dumps(args).encode()]))
+            for channel, frames in queued:
+                self._writer.write(encode_packet([channel.encode(), *frames]))
             await self._writer.drain()
             await _expect_ok(self._reader, self.socket, timeout)
         finally:

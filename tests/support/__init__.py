@@ -1,1 +1,2 @@
-"""Pieces the tests run inside the jupyverse process they start."""
+"""Pieces shared by the tests (processes.py), and pieces the tests run inside the jupyverse
+process they start."""
