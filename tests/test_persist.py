@@ -380,18 +380,28 @@ def numbers(msgs: list[Any], msg_id: str) -> list[int]:
     return [int(line) for line in text.split() if line.isdigit()]
 
 
+async def warmed_client(
+    srv: JupyverseServer, path: str, keeper: bool = True
+) -> tuple[str, KernelClient]:
+    """A new session's kernel and a client of it that ran a first cell; with `keeper`, once
+    the kernel's keeper runs."""
+    with srv.client() as http:
+        _session, kernel_id = new_session(http, path)
+    client = await KernelClient.connect(srv.ws_url, kernel_id)
+    await client.run("print('warm')", timeout=60)
+    if keeper:
+        wait_for(lambda: keeper_processes(srv.runtime_dir), 60, "a keeper for the kernel")
+    return kernel_id, client
+
+
 async def test_a_client_back_with_its_session_id_gets_every_line_and_the_reply(
     home: Path,
 ) -> None:
     srv = persisting(home)  # with the keeper
     srv.start()
     try:
-        with srv.client() as http:
-            _session, kernel_id = new_session(http, "printer.ipynb")
-        client = await KernelClient.connect(srv.ws_url, kernel_id)
+        kernel_id, client = await warmed_client(srv, "printer.ipynb")
         session_id = client.session_id
-        await client.run("print('warm')", timeout=60)
-        wait_for(lambda: keeper_processes(srv.runtime_dir), 60, "a keeper for the kernel")
         count = 40
         msg_id = await client.execute(printer(count))
         got = await client.until(lambda m: numbers([m], msg_id) == [9], timeout=60)
@@ -534,13 +544,8 @@ async def test_a_client_offline_at_the_stop_gets_its_reply_once_after_the_restar
     srv = persisting(home, persist_keeper=keeper)
     srv.start()
     try:
-        with srv.client() as http:
-            _session, kernel_id = new_session(http, "offline.ipynb")
-        client = await KernelClient.connect(srv.ws_url, kernel_id)
+        kernel_id, client = await warmed_client(srv, "offline.ipynb", keeper)
         session_id = client.session_id
-        await client.run("print('warm')", timeout=60)
-        if keeper:
-            wait_for(lambda: keeper_processes(srv.runtime_dir), 60, "a keeper for the kernel")
         msg_id = await client.execute("import time; time.sleep(3); print('done')")
         await client.until(lambda m: m.msg_type == "execute_input" and m.parent_id == msg_id, 60)
         await client.close()  # gone before the reply: the server queues it for the client
