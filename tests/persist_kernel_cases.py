@@ -206,7 +206,8 @@ async def launch(
     identity = server.process_identity()
     assert identity is not None
     pids.append(identity[0])
-    await asyncio.wait_for(server.wait_accepting(), KERNEL_START)
+    # Longer than the server's own startup_timeout: its reason says what never came.
+    await asyncio.wait_for(server.wait_accepting(), KERNEL_START + 30)
     assert server.readiness.answered, server.activity.reason
     if settings.persist_keeper:
         await until(lambda: bool(server.keeper_socket), "the keeper")

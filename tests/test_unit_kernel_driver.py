@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+import zmq
 
-from fps_kernels.kernel_driver.channel import KernelChannel, Reply
+from fps_kernels.kernel_driver.channel import KernelChannel, Reply, watch_link
 from fps_kernels.kernel_driver.connection import (
     ConnectionInfo,
     InvalidConnectionFile,
@@ -228,3 +231,64 @@ def test_kernel_channel_checks_signature_and_replay(caplog: pytest.LogCaptureFix
     assert channel.verify("shell", [DELIMITER, b"sig", b"{}"]) is None
     channel.clear_replay_guard()
     assert channel.verify("iopub", frames) is not None  # type: ignore[arg-type]
+
+
+def _listening(
+    context: zmq.Context[zmq.Socket[bytes]], port: int = 0
+) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes], int]:
+    """A ROUTER on `port` (any when 0), and a monitor of it that tells when a peer is in."""
+    deadline = time.monotonic() + 20  # the port comes free once the reaper closed the last one
+    while True:
+        sock = context.socket(zmq.ROUTER)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://test-{uuid.uuid4().hex}"
+        )
+        try:
+            if not port:
+                return sock, monitor, sock.bind_to_random_port("tcp://127.0.0.1")
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            return sock, monitor, port
+        except zmq.ZMQError:
+            _close(sock, monitor)
+            assert time.monotonic() < deadline, "libzmq's I/O thread is stuck"
+            time.sleep(0.001)
+
+
+def _close(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+    sock.disable_monitor()
+    monitor.close(0)
+    sock.close(0)
+
+
+def test_an_unread_link_monitor_never_stops_the_zmq_context() -> None:
+    # libzmq's I/O thread writes monitor events with a blocking send: with pyzmq's
+    # get_monitor_socket (a bounded queue, 2000 messages in all), about 1000 connections made
+    # and lost while nobody reads the monitor stop that thread, and every socket of the
+    # context with it.
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router, router_monitor, port = _listening(context)
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RECONNECT_IVL, 1)
+    monitor = watch_link(dealer)  # type: ignore[arg-type]
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    for _ in range(1100):  # connected, then lost: two events each
+        assert router_monitor.poll(20_000), "libzmq's I/O thread is stuck"
+        _close(router, router_monitor)
+        router, router_monitor, _ = _listening(context, port)
+    # A new pair of sockets still connects and talks.
+    server = context.socket(zmq.ROUTER)
+    client = context.socket(zmq.DEALER)
+    client.connect(f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}")
+    client.send(b"ping")
+    assert server.poll(20_000), "the context no longer connects"
+    assert server.recv_multipart()[1] == b"ping"
+    events = 0
+    while monitor.poll(0):
+        monitor.recv_multipart()
+        events += 1
+    assert events >= 2200, events  # all kept
+    dealer.disable_monitor()
+    _close(router, router_monitor)
+    for sock in (monitor, dealer, server, client):
+        sock.close(0)
+    context.term()

@@ -41,6 +41,22 @@ _INFO_RETRY = 0.5
 _ZERO_COPY_FROM = 65536
 
 
+def watch_link(sock: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
+    """A PAIR socket that receives `sock`'s connection events (handshake done, disconnected).
+
+    Its queue has no bound: libzmq's I/O thread sends the events with a blocking send, so a
+    reader that falls behind must never make it wait. A unique address: pyzmq's default
+    names it after the socket's fd, which a socket closed a moment ago (reaped in the
+    background) may still hold.
+    """
+    address = f"inproc://fps-kernels-monitor-{uuid.uuid4().hex}"
+    sock.monitor(address, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, 0)
+    monitor.connect(address)
+    return monitor
+
+
 class HandshakeError(RuntimeError):
     """The kernel did not show it is there (see the subclasses)."""
 
@@ -169,12 +185,7 @@ class KernelChannel(Generic[M]):
             sock = open_socket(self.info, channel, self.identity, connect=False)
             if channel in self._linked:
                 # Watched from before the connection: a running kernel answers at once.
-                # A unique address: pyzmq's default names it after the socket's fd, which a
-                # socket closed a moment ago (reaped in the background) may still hold.
-                monitor = sock.get_monitor_socket(
-                    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
-                    addr=f"inproc://fps-kernels-monitor-{uuid.uuid4().hex}",
-                )
+                monitor = watch_link(sock)
                 self._tasks.spawn(self._watch_link(channel, monitor), f"the {channel} monitor")
             if channel not in later:
                 sock.connect(self.info.url(channel))
@@ -185,11 +196,13 @@ class KernelChannel(Generic[M]):
             )
 
     async def close(self) -> None:
+        self._stop_monitors()  # before their readers end, see stop_monitors()
         await self._tasks.cancel_all()
         self.abort()
 
     def abort(self) -> None:
         """Close at once; the readers end on their own (a reader may be the caller)."""
+        self._stop_monitors()
         self._tasks.cancel()
         for sock in self.sockets.values():
             sock.close(linger=0)
@@ -198,6 +211,16 @@ class KernelChannel(Generic[M]):
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+
+    def _stop_monitors(self) -> None:
+        """libzmq's I/O thread writes a socket's events into its monitor with a blocking send:
+        one that nobody reads any more (a reader cancelled, a full queue) blocks that thread,
+        and with it every socket of the process's ZMQ context, for good. So a socket stops
+        being monitored before its monitor's reader ends."""
+        for channel in self._linked:
+            sock = self.sockets.get(channel)
+            if sock is not None and not sock.closed:
+                sock.disable_monitor()
 
     def stop_reading(self, channel: str) -> None:
         """Take nothing more from `channel` (what is queued stays unread): what the kernel
@@ -375,7 +398,11 @@ class KernelChannel(Generic[M]):
             while not (replied.done() and iopub_seen.done()):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise NoAnswer(f"no answer to kernel_info within {timeout:g} s")
+                    raise NoAnswer(
+                        f"no answer to kernel_info within {timeout:g} s ({len(pending)} asked; "
+                        f"shell reply: {'yes' if replied.done() else 'no'}, iopub message: "
+                        f"{'yes' if iopub_seen.done() else 'no'})"
+                    )
                 pending.append(self.post("shell", "kernel_info_request", {}, replied))
                 waits: set[asyncio.Future[Any]] = {f for f in (replied, iopub_seen) if not f.done()}
                 if process_exit is not None:
