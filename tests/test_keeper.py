@@ -119,9 +119,10 @@ class FakeServer:
             sock.connect(self.kernel.info.url(channel))
             self.sockets[channel] = sock
         # Connected for real (the identity taken over) before going on.
-        for monitor in monitors:
+        for sock, monitor in zip(self.sockets.values(), monitors, strict=True):
             event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), EVENT))
             assert event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            sock.disable_monitor()  # before its reader goes: libzmq would block writing to it
             monitor.close(linger=0)
 
     async def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
