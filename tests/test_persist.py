@@ -175,7 +175,8 @@ async def test_kernels_outlive_a_stop_and_are_taken_back(home: Path, how: str) -
             assert http.delete(f"/api/kernels/{kept}").status_code == 204
             assert http.get("/api/sessions").json() == []
         wait_for(lambda: not alive(pids[kept]), 30, "the deleted kernel's process gone")
-        assert not (srv.runtime_dir / f"kernel-{kept}.json").exists()
+        connection_file = srv.runtime_dir / f"kernel-{kept}.json"
+        wait_for(lambda: not connection_file.exists(), 30, "its connection file removed")
         wait_for(lambda: recorded_kernels(srv) == set(), 30, "an empty record")
         wait_for(lambda: not keeper_processes(srv.runtime_dir), 30, "no keeper left")
     finally:
@@ -486,7 +487,9 @@ async def test_a_kernel_taken_back_is_culled_as_any(home: Path) -> None:
 
         wait_for(culled, 60, "the kernel culled")
         wait_for(lambda: not alive(pid), 30, "its process gone")
-        assert not (srv.runtime_dir / f"kernel-{kernel_id}.json").exists()
+        # Removed once the process is gone, as the shutdown ends (it is listed no more before).
+        connection_file = srv.runtime_dir / f"kernel-{kernel_id}.json"
+        wait_for(lambda: not connection_file.exists(), 30, "its connection file removed")
         wait_for(lambda: recorded_kernels(srv) == set(), 30, "an empty record")
         assert f"Culling kernel {kernel_id}" in srv.read_log()
     finally:
